@@ -1,0 +1,43 @@
+"""Evaluate a model with a composed KV compression: ``python -m runners.eval [overrides]``.
+
+Examples::
+
+    python -m runners.eval                                 # seed method, embedded model, pydoc text
+    python -m runners.eval quantizer=none                  # the uncompressed baseline
+    python -m runners.eval data=wikitext2 data.path=../shared/data/wikitext-2-raw/test.txt
+    python -m runners.eval -m quantizer.key_bits=2,3,4     # a multirun sweep
+"""
+
+from __future__ import annotations
+
+from . import _cli  # noqa: F401  (one-line errors)
+
+import hydra  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from hydra.types import RunMode  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+import streamkv.schema  # noqa: E402,F401  (registers the primary schema)
+from streamkv import registry  # noqa: E402
+from streamkv.errors import ConfigError  # noqa: E402
+from streamkv.experiment import run_job, summary  # noqa: E402
+
+registry.load_builtins()
+
+
+@hydra.main(version_base="1.3", config_path=_cli.CONF_DIR, config_name="eval")
+def main(cfg: DictConfig) -> float | None:
+    hc = HydraConfig.get()
+    multirun = hc.mode == RunMode.MULTIRUN
+    try:
+        results = run_job(cfg, hc.runtime.output_dir, choices=hc.runtime.choices, group=cfg.name if multirun else None)
+    except ConfigError as e:
+        if multirun:  # recorded in the job's failed.json; Hydra runs the other jobs and reports at the end
+            raise
+        _cli.fail(e)
+    print(summary(results, hc.runtime.output_dir), flush=True)
+    return results.get("metrics", {}).get("ppl")
+
+
+if __name__ == "__main__":
+    main()

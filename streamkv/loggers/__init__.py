@@ -1,0 +1,1 @@
+"""Experiment loggers for the ``logger`` config group."""

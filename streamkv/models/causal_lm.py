@@ -1,0 +1,89 @@
+"""The ``model`` config group's schema, and loading a causal LM with its tokenizer from it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..errors import ConfigError, one_of
+from ..registry import register
+from . import embedded
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "auto": "auto"}
+
+
+@register("model", "causal_lm")
+@dataclass
+class CausalLM:
+    """A causal LM: ``path`` is a hub id, a local directory or a ``.gguf`` file; empty = the embedded model."""
+
+    name: str = "smollm2-135m-instruct"
+    path: Optional[str] = None
+    dtype: str = "float32"
+    device: str = "cpu"  # cpu | cuda | auto (cuda when available)
+    device_map: Optional[str] = None  # e.g. "auto" to shard a large model over GPUs
+    attn_implementation: str = "sdpa"
+    cache_dir: Optional[str] = None  # where the embedded model is converted to (default ~/.cache/streamkv)
+    max_positions: Optional[int] = None  # override the config's max_position_embeddings
+
+    def __post_init__(self) -> None:
+        one_of("model.dtype", self.dtype, DTYPES)
+        one_of("model.device", self.device, ("cpu", "cuda", "auto"))
+
+    def resolved_device(self) -> str:
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return self.device
+
+    def source(self) -> tuple[str, dict]:
+        """(what to pass to from_pretrained, extra kwargs), resolving the embedded model and GGUF files."""
+        if not self.path or self.path in embedded.SHORT_NAMES:
+            return str(embedded.converted_dir(self.cache_dir)), {}
+        p = Path(self.path).expanduser()
+        if p.suffix == ".gguf":
+            if not p.is_file():
+                raise ConfigError(f"model.path={self.path} does not exist")
+            return str(p.parent), {"gguf_file": p.name}
+        if p.exists() or self.path.startswith((".", "/", "~")):
+            if not p.is_dir():
+                raise ConfigError(f"model.path={self.path} is not a model directory or a .gguf file")
+            return str(p), {}
+        return self.path, {}  # a hub id
+
+    def load(self):
+        """(model in eval mode, tokenizer); user mistakes become one-line :class:`ConfigError`."""
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        where, extra = self.source()
+        try:
+            config = AutoConfig.from_pretrained(where, **extra)
+        except Exception as e:  # noqa: BLE001 - any failure here means "not a model we can read"
+            raise ConfigError(f"model.path={self.path or where} is not a loadable model: {_first_line(e)}") from None
+        kwargs = dict(extra, dtype=DTYPES[self.dtype], attn_implementation=self.attn_implementation)
+        if self.device_map:
+            kwargs["device_map"] = self.device_map
+        try:
+            model = AutoModelForCausalLM.from_pretrained(where, config=config, **kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(where, **extra)
+        except ValueError as e:
+            if "Unrecognized configuration class" in str(e):
+                raise ConfigError(
+                    f"model.path={self.path or where} is not a causal language model (model_type={config.model_type!r})"
+                ) from None
+            raise
+        except OSError as e:
+            hint = " (the converted cache may be corrupt: delete it to rebuild)" if not self.path else ""
+            raise ConfigError(f"cannot load model from {where}{hint}: {_first_line(e)}") from None
+        if not self.device_map:
+            model.to(self.resolved_device())
+        if self.max_positions:
+            model.config.max_position_embeddings = self.max_positions
+        model.eval()
+        return model, tokenizer
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]

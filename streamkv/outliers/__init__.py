@@ -1,0 +1,1 @@
+"""Outlier detectors: which values leave the dense groups for sparse, higher-precision storage."""

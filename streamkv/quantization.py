@@ -1,0 +1,153 @@
+"""Group-wise asymmetric integer quantization with really packed storage.
+
+A :class:`Quantized` tensor holds a ``(rows, tokens, dim)`` tensor (rows = batch x kv-heads) as packed
+b-bit codes plus an fp16 scale and zero point per group. Groups run either
+
+* along tokens, per channel (``axis="channel"``: one scale per channel for every ``group_size``
+  tokens; KIVI/KVQuant keys), or
+* along the head dimension, per token (``axis="token"``: ``group_size`` channels of one token).
+
+Storage is organised in *units* along the token axis (``group_size`` tokens per unit for
+``axis="channel"``, one token for ``axis="token"``), so appending more tokens is a concatenation and
+the whole history dequantizes in one vectorised call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .packing import pack, unpack
+
+AXES = ("channel", "token")
+_MIN_SCALE = 2.0**-14  # smallest normal fp16: keeps constant groups finite
+
+
+def _as_units(x: torch.Tensor, axis: str, group_size: int) -> torch.Tensor:
+    """View ``(rows, tokens, dim)`` as ``(rows, units, a, b)`` with the group on dim 2 or 3."""
+    rows, tokens, dim = x.shape
+    if axis == "channel":
+        return x.reshape(rows, tokens // group_size, group_size, dim)
+    return x.reshape(rows, tokens, dim // group_size, group_size)
+
+
+@dataclass
+class Quantized:
+    """Packed b-bit codes with fp16 scale/zero per group; see the module docstring."""
+
+    codes: torch.Tensor  # uint8 (rows, units, packed bytes per unit)
+    scale: torch.Tensor  # fp16 (rows, units, a, 1) or (rows, units, 1, b)
+    zero: torch.Tensor  # fp16, same shape as scale
+    bits: int
+    axis: str
+    group_size: int
+    dim: int
+
+    @property
+    def unit_tokens(self) -> int:
+        return self.group_size if self.axis == "channel" else 1
+
+    @property
+    def tokens(self) -> int:
+        return self.codes.shape[1] * self.unit_tokens
+
+    @property
+    def numel(self) -> int:
+        return self.codes.shape[0] * self.tokens * self.dim
+
+    @property
+    def nbytes(self) -> int:
+        return self.codes.nbytes + self.scale.nbytes + self.zero.nbytes
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.codes, self.scale, self.zero]
+
+    def append(self, other: "Quantized") -> "Quantized":
+        """Concatenate ``other`` after ``self`` along the token axis."""
+        return Quantized(
+            torch.cat([self.codes, other.codes], 1),
+            torch.cat([self.scale, other.scale], 1),
+            torch.cat([self.zero, other.zero], 1),
+            self.bits,
+            self.axis,
+            self.group_size,
+            self.dim,
+        )
+
+    def select_rows(self, index: torch.Tensor) -> "Quantized":
+        return Quantized(
+            self.codes[index], self.scale[index], self.zero[index], self.bits, self.axis, self.group_size, self.dim
+        )
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        rows, units, _ = self.codes.shape
+        a, b = (self.group_size, self.dim) if self.axis == "channel" else (self.dim // self.group_size, self.group_size)
+        codes = unpack(self.codes, self.bits, a * b).view(rows, units, a, b)
+        x = torch.addcmul(self.zero.to(dtype), codes.to(dtype), self.scale.to(dtype))
+        return x.reshape(rows, units * self.unit_tokens, self.dim)
+
+
+def quantize(
+    x: torch.Tensor, bits: int, axis: str, group_size: int, exclude: torch.Tensor | None = None
+) -> Quantized:
+    """Quantize ``x`` of shape ``(rows, tokens, dim)`` group-wise to ``bits``.
+
+    ``exclude`` (bool, same shape) marks values kept elsewhere (sparse outliers): they take no part in
+    a group's range, so one outlier does not widen the step of its whole group.
+    """
+    rows, tokens, dim = x.shape
+    g = _as_units(x.float(), axis, group_size)
+    reduce = 2 if axis == "channel" else 3
+    if exclude is None:
+        lo, hi = g.amin(reduce, keepdim=True), g.amax(reduce, keepdim=True)
+    else:
+        m = _as_units(exclude, axis, group_size)
+        lo = torch.where(m, torch.inf, g).amin(reduce, keepdim=True)
+        hi = torch.where(m, -torch.inf, g).amax(reduce, keepdim=True)
+        empty = torch.isinf(lo)  # every value of the group is an outlier
+        lo, hi = lo.masked_fill(empty, 0.0), hi.masked_fill(empty, 0.0)
+    levels = (1 << bits) - 1
+    scale = ((hi - lo) / levels).clamp_min(_MIN_SCALE).half()
+    zero = lo.half()
+    codes = ((g - zero.float()) / scale.float()).round_().clamp_(0, levels).to(torch.uint8)
+    packed = pack(codes.flatten(2), bits)
+    return Quantized(packed, scale, zero, bits, axis, group_size, dim)
+
+
+@dataclass
+class Raw:
+    """Unquantized storage (fp16 sinks, the full-precision residual); same interface as Quantized."""
+
+    data: torch.Tensor  # (rows, tokens, dim)
+
+    @property
+    def tokens(self) -> int:
+        return self.data.shape[1]
+
+    @property
+    def numel(self) -> int:
+        return self.data.numel()
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.nbytes
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.data]
+
+    def append(self, other: "Raw") -> "Raw":
+        return Raw(torch.cat([self.data, other.data], 1))
+
+    def select_rows(self, index: torch.Tensor) -> "Raw":
+        return Raw(self.data[index])
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.data.to(dtype)
+
+
+def encode(x: torch.Tensor, bits: int, axis: str, group_size: int, exclude: torch.Tensor | None = None):
+    """``bits == 16`` keeps ``x`` as fp16; any other width quantizes it."""
+    if bits == 16:
+        return Raw(x.half())
+    return quantize(x, bits, axis, group_size, exclude)

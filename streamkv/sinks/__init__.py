@@ -1,0 +1,1 @@
+"""Sink policies: which leading tokens keep a higher precision (attention sinks)."""

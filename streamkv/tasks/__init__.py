@@ -1,0 +1,1 @@
+"""Tasks: what a run measures. Each is a registered dataclass with ``run(ctx) -> results``."""
