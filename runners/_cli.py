@@ -16,6 +16,7 @@ import hydra._internal.utils as _hydra_utils
 from hydra.errors import CompactHydraException, MissingConfigException
 from omegaconf.errors import OmegaConfBaseException
 
+from streamkv import jobdir
 from streamkv.errors import ConfigError
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -54,3 +55,4 @@ def _run_and_report(func):
 
 _original = _hydra_utils.run_and_report
 _hydra_utils.run_and_report = _run_and_report
+jobdir.register_resolver()  # ${job_dir:...} in hydra.sweep.subdir (imported here, so launchers' workers have it too)

@@ -6,6 +6,7 @@ Examples::
     python -m runners.eval quantizer=none                  # the uncompressed baseline
     python -m runners.eval data=wikitext2 data.path=../shared/data/wikitext-2-raw/test.txt
     python -m runners.eval -m quantizer.key_bits=2,3,4     # a multirun sweep
+    python -m runners.sweep ablation                       # a named sweep from sweeps/ (runs this app)
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ registry.load_builtins()
 
 
 @hydra.main(version_base="1.3", config_path=_cli.CONF_DIR, config_name="eval")
-def main(cfg: DictConfig) -> float | None:
+def main(cfg: DictConfig) -> dict:
+    """Run one job; the results dict is returned so a sweeper (e.g. the Optuna tuner) can read its objective."""
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
     try:
@@ -36,7 +38,7 @@ def main(cfg: DictConfig) -> float | None:
             raise
         _cli.fail(e)
     print(summary(results, hc.runtime.output_dir), flush=True)
-    return results.get("metrics", {}).get("ppl")
+    return results
 
 
 if __name__ == "__main__":

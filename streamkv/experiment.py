@@ -33,6 +33,11 @@ def comparable(config: dict) -> dict:
     return {k: v for k, v in config.items() if k not in _VOLATILE}
 
 
+def chosen(choices: dict[str, Any]) -> dict[str, str]:
+    """The config-group options picked for a job (components, experiment, ablation variant), not Hydra's own."""
+    return {g: str(o) for g, o in choices.items() if o is not None and not g.startswith(("hydra", "schema"))}
+
+
 def run_job(cfg: DictConfig, run_dir: str | Path, choices: dict[str, Any] | None = None, group: str | None = None) -> dict:
     """Run the job described by ``cfg`` in ``run_dir``; return its results (see module docstring)."""
     run_dir = Path(run_dir)
@@ -63,9 +68,10 @@ def _run(cfg: DictConfig, run_dir: Path, choices: dict[str, Any], group: str | N
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
 
+    text = parts["data"].load()  # before the model: a bad file fails fast
     model, tokenizer = parts["model"].load()
     new_cache(model, compression, cfg.chunk_size)  # fail early on an unusable combination
-    ctx = RunContext(model, tokenizer, compression, cfg.chunk_size, parts["data"].load, progress=cfg.get("progress", True))
+    ctx = RunContext(model, tokenizer, compression, cfg.chunk_size, lambda: text, progress=cfg.get("progress", True))
 
     task_name = choices.get("task", getattr(parts["task"], "registered_name", "task"))
     logger = parts["logger"]
@@ -75,7 +81,7 @@ def _run(cfg: DictConfig, run_dir: Path, choices: dict[str, Any], group: str | N
         name=run_dir.name,
         group=group,
         job_type=task_name,
-        tags=[f"{g}:{choices[g]}" for g in ("quantizer", "sink", "outlier", "model", "data") if g in choices],
+        tags=[f"{g}:{option}" for g, option in chosen(choices).items() if g not in ("task", "logger")],
     )
     try:
         t0 = time.perf_counter()
@@ -83,7 +89,7 @@ def _run(cfg: DictConfig, run_dir: Path, choices: dict[str, Any], group: str | N
         results: dict[str, Any] = {
             "task": task_name,
             "model": parts["model"].name,
-            "components": {g: choices.get(g) for g in registry.GROUPS},
+            "components": {**{g: choices.get(g) for g in registry.GROUPS}, **chosen(choices)},
             "chunk_size": cfg.chunk_size,
             **out,
             "wall_seconds": time.perf_counter() - t0,

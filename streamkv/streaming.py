@@ -23,17 +23,19 @@ def token_logprobs(
     cache,
     chunks: Sequence[int] | int,
     prev_logits: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    greedy: bool = False,
+) -> tuple[torch.Tensor, ...]:
     """Log-probabilities of ``ids`` (1-D) fed through ``cache`` in ``chunks``.
 
     ``chunks`` is a chunk size or an explicit list of chunk lengths. Returns ``(logprobs, last_logits)``:
     ``logprobs[t]`` is log p(ids[t] | ids[:t] and the cache's earlier content); its first entry is
-    scored from ``prev_logits`` if given, else it is left out (``len(ids) - 1`` entries).
+    scored from ``prev_logits`` if given, else it is left out (``len(ids) - 1`` entries). With
+    ``greedy=True`` a third element says, per scored token, whether it was the argmax (lm-eval's is_greedy).
     """
     device = next(model.parameters()).device
     ids = ids.to(device)
     lengths = chunk_lengths(len(ids), chunks) if isinstance(chunks, int) else list(chunks)
-    out, start = [], 0
+    out, hits, start = [], [], 0
     for n in lengths:
         chunk = ids[start : start + n]
         logits = model(input_ids=chunk.unsqueeze(0), cache=cache, use_cache=True).logits[0]
@@ -43,10 +45,16 @@ def token_logprobs(
         else:
             logits_for, targets = logits[:-1], chunk[1:]
         if len(targets):
-            out.append(torch.log_softmax(logits_for.float(), -1).gather(1, targets.unsqueeze(1)).squeeze(1))
+            logp = torch.log_softmax(logits_for.float(), -1)
+            out.append(logp.gather(1, targets.unsqueeze(1)).squeeze(1))
+            if greedy:
+                hits.append(logp.argmax(-1) == targets)
         prev_logits = logits[-1]
         start += n
-    return torch.cat(out) if out else torch.zeros(0, device=device), prev_logits
+    logprobs = torch.cat(out) if out else torch.zeros(0, device=device)
+    if greedy:
+        return logprobs, prev_logits, torch.cat(hits) if hits else torch.zeros(0, dtype=torch.bool, device=device)
+    return logprobs, prev_logits
 
 
 def windows(ids: torch.Tensor, window: int, max_windows: int | None) -> Iterable[torch.Tensor]:

@@ -16,6 +16,7 @@ def _local_text(path: str, key: str) -> str:
     """A local text file as one document, read through ``datasets``' text builder."""
     import datasets
 
+    datasets.disable_progress_bars()  # a one-file load: its bars are noise
     p = Path(path).expanduser()
     if not p.is_file():
         raise ConfigError(f"{key}={path} does not exist (or is not a file)")

@@ -56,7 +56,9 @@ class CausalLM:
     def load(self):
         """(model in eval mode, tokenizer); user mistakes become one-line :class:`ConfigError`."""
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
 
+        hf_logging.disable_progress_bar()  # loading takes half a second; its bar is noise
         where, extra = self.source()
         try:
             config = AutoConfig.from_pretrained(where, **extra)

@@ -1,0 +1,71 @@
+"""Shared fixtures: a tiny random Llama (unit tests) and the embedded model (integration tests)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parent.parent
+WIKITEXT = REPO.parent / "shared" / "data" / "wikitext-2-raw" / "test.txt"
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    """A 2-layer random Llama with GQA (4 query heads, 2 kv heads, head_dim 16)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        attn_implementation="sdpa",
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tiny_llama, tmp_path_factory):
+    """The tiny Llama saved as a model directory with a small tokenizer, for runner tests."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    path = tmp_path_factory.mktemp("tiny_llama")
+    vocab = {chr(i): i - 32 for i in range(32, 127)}  # printable ASCII, one token per character
+    vocab["<unk>"] = 95
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<unk>", pad_token="<unk>")
+    tiny_llama.save_pretrained(path)
+    fast.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def embedded():
+    """The embedded SmolLM2-135M-Instruct (model, tokenizer); skipped where it is not installed."""
+    from streamkv.errors import ConfigError
+    from streamkv.models.causal_lm import CausalLM
+
+    try:
+        return CausalLM().load()
+    except ConfigError as e:
+        pytest.skip(f"embedded model unavailable: {e}")
+
+
+@pytest.fixture
+def wikitext_path():
+    if not WIKITEXT.is_file():
+        pytest.skip(f"{WIKITEXT} is absent (CI lays ../shared beside the checkout)")
+    return WIKITEXT
