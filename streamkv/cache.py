@@ -94,9 +94,8 @@ class CompressedLayer(CacheLayerMixin):
             self._append(k, v)
             keys, values = self._read()
         else:
-            hk, hv = self._read()
+            keys, values = self._read(k, v)  # the history, then the new tokens at full precision
             self._append(k, v)
-            keys, values = torch.cat([hk, k], 1), torch.cat([hv, v], 1)
         return keys.view(b, h, -1, d), values.view(b, h, -1, d)
 
     def get_seq_length(self) -> int:
@@ -164,21 +163,35 @@ class CompressedLayer(CacheLayerMixin):
         enc = encoder(x, exclude)
         s.body = enc if s.body is None else s.body.append(enc)
 
-    def _read_stream(self, s: _Stream, rotate: bool) -> torch.Tensor:
+    def _read_stream(self, s: _Stream, rotate: bool, new: torch.Tensor | None = None) -> torch.Tensor:
+        """The stream's history (dequantized body, then the residual), followed by ``new`` if given.
+
+        Everything is written into one buffer: the body dequantizes into its slice, so neither the
+        history nor the new tokens are copied a second time by a concatenation.
+        """
+        tail = [s.residual] if new is None else [s.residual, new]
         if s.body is None:
-            return s.residual
-        body = s.body.dequantize(self.dtype)
+            return tail[0] if len(tail) == 1 else torch.cat(tail, 1)
+        n = s.body.tokens
+        out = torch.empty(self.rows, n + sum(t.shape[1] for t in tail), self.dim, dtype=self.dtype, device=self.device)
+        body = out[:, :n]
+        try:
+            s.body.dequantize(self.dtype, out=body)
+        except TypeError:  # a storage class without ``out=``
+            body.copy_(s.body.dequantize(self.dtype))
         if s.outliers is not None:
             s.outliers.scatter_into(body)
         if s.sinks is not None:
             body[:, : s.sinks.tokens] = s.sinks.dequantize(self.dtype)
         if rotate:
-            body = self.rope.rotate(body, 0)
-        return torch.cat([body, s.residual], 1)
+            self.rope.rotate_(body, 0)
+        torch.cat(tail, 1, out=out[:, n:]) if len(tail) > 1 else out[:, n:].copy_(tail[0])
+        return out
 
-    def _read(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The whole history, dequantized once for this forward (the read path a fused kernel replaces)."""
-        return self._read_stream(self.k, self.rope is not None), self._read_stream(self.v, False)
+    def _read(self, k: torch.Tensor | None = None, v: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole history, dequantized once for this forward (the read path a fused kernel replaces),
+        followed by this forward's own ``k``/``v`` when given."""
+        return self._read_stream(self.k, self.rope is not None, k), self._read_stream(self.v, False, v)
 
     # -- accounting -------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:

@@ -115,7 +115,8 @@ def summary(results: dict, run_dir: str | Path) -> str:
         if name not in ("ppl", "nll", "tokens", "windows") and isinstance(value, (int, float)):
             lines.append(f"{name} {value:.4g}")
     if s:
-        lines.append(f"{s.get('seconds', 0):.1f} s, {s.get('prefill_tokens_per_s', 0):.0f} prefill tokens/s")
+        rate = f", {s['prefill_tokens_per_s']:.0f} prefill tokens/s" if "prefill_tokens_per_s" in s else ""
+        lines.append(f"{s.get('seconds', 0):.1f} s{rate}")
     if c:
         lines.append(
             f"KV cache: {c['avg_key_bits']:.2f} key bits, {c['avg_value_bits']:.2f} value bits, "

@@ -7,6 +7,8 @@ kept, so a packed tensor can still be appended to along the token axis. All path
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 SUPPORTED_BITS = (1, 2, 3, 4, 8)
@@ -43,9 +45,38 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
-    """Inverse of :func:`pack`: the first ``n`` codes of the last axis, as uint8."""
+    """Inverse of :func:`pack`: the first ``n`` codes of the last axis, as uint8.
+
+    The codes of a byte (or of a 3-byte word) are spread into one byte each inside a wider integer
+    and the result is viewed back as bytes (little-endian), so every step is a contiguous elementwise
+    op: no per-code strided writes, which dominate the read path of the cache otherwise.
+    """
     if bits == 8:
         return packed[..., :n]
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits={bits} cannot be unpacked; supported: {SUPPORTED_BITS}")
+    if bits == 4:
+        x = packed.to(torch.int16).contiguous()
+        codes = ((x | (x << 4)) & 0x0F0F).view(torch.uint8)
+    elif bits == 2:
+        x = packed.to(torch.int32).contiguous()
+        codes = ((x | (x << 6) | (x << 12) | (x << 18)) & 0x03030303).view(torch.uint8)
+    elif bits == 1:
+        x = packed.to(torch.int64).contiguous()
+        x = (x | (x << 28)) & 0x0000000F0000000F
+        x = (x | (x << 14)) & 0x0003000300030003
+        codes = ((x | (x << 7)) & 0x0101010101010101).view(torch.uint8)
+    else:  # 3 bits: eight codes in a 24-bit word of three bytes
+        b = packed.unflatten(-1, (-1, 3))
+        w = b[..., 0].to(torch.int64) | (b[..., 1].to(torch.int64) << 8) | (b[..., 2].to(torch.int64) << 16)
+        w = (w.contiguous() | (w << 20)) & 0x00000FFF00000FFF  # two 12-bit halves (4 codes each) into 32-bit lanes
+        w = (w | (w << 10)) & 0x003F003F003F003F  # 6-bit pairs into 16-bit lanes
+        codes = ((w | (w << 5)) & 0x0707070707070707).view(torch.uint8)  # one code per byte
+    return codes[..., :n]
+
+
+def _unpack_shifts(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """The plain per-code shift version of :func:`unpack` (any byte order; slower)."""
     if bits == 3:
         b = packed.to(torch.int32).unflatten(-1, (-1, 3))
         word = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16)
@@ -56,3 +87,7 @@ def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     mask = (1 << bits) - 1
     codes = (packed.unsqueeze(-1) >> shifts) & mask
     return codes.flatten(-2)[..., :n]
+
+
+if sys.byteorder != "little":  # pragma: no cover - the byte-view trick assumes little-endian words
+    unpack = _unpack_shifts  # noqa: F811

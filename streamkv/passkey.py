@@ -21,34 +21,31 @@ REPEAT = "The grass is green. The sky is blue. The sun is yellow. Here we go. Th
 FILLERS = ("repeat", "text")
 
 
-def _encode(tokenizer, text: str) -> list[int]:
-    return tokenizer.encode(text, add_special_tokens=False)
-
-
 def overhead(tokenizer, key: int = 99999) -> int:
     """Prompt tokens that are not filler (intro, needle, question)."""
-    return sum(len(_encode(tokenizer, s)) for s in (INTRO, NEEDLE.format(key=key), QUESTION))
+    return sum(len(tokenizer.encode(s, add_special_tokens=False)) for s in (INTRO, NEEDLE.format(key=key), QUESTION))
 
 
-def passkey_prompt(tokenizer, filler_ids: list[int], length: int, depth: float, key: int) -> dict:
+def passkey_prompt(tokenizer, filler: str, offsets: list, length: int, depth: float, key: int) -> dict:
     """A prompt of about ``length`` tokens with ``key`` after ``depth`` of its filler tokens.
 
-    ``filler_ids`` (long enough, see :func:`passkey_docs`) are cut to the budget left by the fixed parts;
-    ``needle_depth`` records where the needle really landed, in filler tokens.
+    ``filler`` is cut, by its tokens' character ``offsets``, to the budget left by the fixed parts (text
+    is cut, never decoded, so any tokenizer round-trips); ``needle_depth`` is where the needle landed.
     """
     budget = length - overhead(tokenizer, key)
-    if budget < 1:
-        raise ValueError(f"a passkey prompt needs more than {length} tokens")
-    ids = filler_ids[:budget]
-    cut = round(depth * len(ids))
-    before, after = tokenizer.decode(ids[:cut]).rstrip(), tokenizer.decode(ids[cut:])
+    if budget < 1 or len(offsets) < budget:
+        raise ValueError(f"a passkey prompt of {length} tokens leaves no room for filler")
+    span = offsets[:budget]
+    cut = round(depth * budget)
+    middle = span[cut][0] if cut < budget else span[-1][1]
+    before, after = filler[span[0][0] : middle].rstrip(), filler[middle : span[-1][1]]
     needle = NEEDLE.format(key=key)
     body = f"{before} {needle}" if before else needle
     return {
         "input": INTRO + body + after + QUESTION,
         "target": str(key),
         "depth": float(depth),
-        "needle_depth": cut / len(ids),
+        "needle_depth": cut / budget,
         "length": length,
     }
 
@@ -58,18 +55,23 @@ def passkey_docs(
 ) -> list[dict]:
     """``samples`` prompts per depth, ordered sample by sample (so a document limit keeps every depth).
 
-    ``text=None`` fills with :data:`REPEAT`; otherwise each prompt takes a random stretch of ``text``.
+    ``text=None`` fills with :data:`REPEAT`; otherwise each prompt starts at a random token of ``text``.
     """
     rng = random.Random(seed)
-    source = _encode(tokenizer, text if text is not None else REPEAT * 8)
-    if not source:
+    filler = text if text is not None else REPEAT * 8
+    if not filler.strip():
         raise ValueError("the passkey filler text is empty")
-    source = source * (length // len(source) + 2)  # long enough for any budget and start
+    while True:  # repeat the filler until any start leaves a whole prompt's worth of tokens
+        offsets = tokenizer(filler, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        if len(offsets) >= 2 * length:
+            break
+        filler = filler + " " + filler
     docs = []
     for _ in range(samples):
         for depth in depths:
-            start = rng.randrange(len(source) - length) if text is not None else 0
-            docs.append(passkey_prompt(tokenizer, source[start:], length, depth, rng.randrange(10_000, 100_000)))
+            start = rng.randrange(len(offsets) - length) if text is not None else 0
+            key = rng.randrange(10_000, 100_000)
+            docs.append(passkey_prompt(tokenizer, filler, offsets[start:], length, depth, key))
     return docs
 
 

@@ -80,10 +80,15 @@ class Quantized:
             self.codes[index], self.scale[index], self.zero[index], self.bits, self.axis, self.group_size, self.dim
         )
 
-    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+    def dequantize(self, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The values as ``(rows, tokens, dim)`` of ``dtype``; written into ``out`` (that shape, e.g. a
+        slice of a larger buffer) when given, to save the copy."""
         rows, units, _ = self.codes.shape
         a, b = (self.group_size, self.dim) if self.axis == "channel" else (self.dim // self.group_size, self.group_size)
         codes = unpack(self.codes, self.bits, a * b).view(rows, units, a, b)
+        if out is not None:
+            torch.addcmul(self.zero.to(dtype), codes.to(dtype), self.scale.to(dtype), out=out.view(rows, units, a, b))
+            return out
         x = torch.addcmul(self.zero.to(dtype), codes.to(dtype), self.scale.to(dtype))
         return x.reshape(rows, units * self.unit_tokens, self.dim)
 
@@ -142,7 +147,9 @@ class Raw:
     def select_rows(self, index: torch.Tensor) -> "Raw":
         return Raw(self.data[index])
 
-    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+    def dequantize(self, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+        if out is not None:
+            return out.copy_(self.data)
         return self.data.to(dtype)
 
 

@@ -38,6 +38,16 @@ class RopeTable:
         cos, sin = cos[start : start + x.shape[-2]].to(x.dtype), sin[start : start + x.shape[-2]].to(x.dtype)
         return x * cos + rotate_half(x) * sin
 
+    def rotate_(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        """:meth:`rotate` in place (the same values, bit for bit, with one temporary instead of four)."""
+        cos, sin = self._table(start + x.shape[-2], x)
+        cos, sin = cos[start : start + x.shape[-2]].to(x.dtype), sin[start : start + x.shape[-2]].to(x.dtype)
+        h = x.shape[-1] // 2
+        r = torch.empty_like(x)  # rotate_half(x) * sin
+        torch.mul(x[..., h:], sin[..., :h], out=r[..., :h]).neg_()
+        torch.mul(x[..., :h], sin[..., h:], out=r[..., h:])
+        return x.mul_(cos).add_(r)
+
     def unrotate(self, x: torch.Tensor, start: int) -> torch.Tensor:
         """Inverse of :meth:`rotate` (also for scaled cos/sin: divides by cos^2 + sin^2)."""
         cos, sin = self._table(start + x.shape[-2], x)

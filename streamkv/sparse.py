@@ -1,77 +1,78 @@
 """Sparse outlier storage: the values that normal groups leave out, with their positions.
 
 Outliers are stored as (position, value) pairs so that the dense groups are quantized without them
-(KVQuant's dense-and-sparse split). Positions are int32 offsets in token-major order
-(``token * rows * dim + row * dim + channel``), so appending a later chunk appends positions without
-rewriting earlier ones. Values are 8-bit symmetric codes with one fp16 scale per appended chunk, or
-fp16 values at 16 bits.
+(KVQuant's dense-and-sparse split). A position is an offset in token-major order
+(``token * rows * dim + row * dim + channel``), so a later chunk's outliers append without rewriting
+earlier ones. It is split into a 15-bit low part, stored per outlier as int16, and a bucket number
+(``offset >> 15``) stored once per occupied bucket with its count: 16 bits per outlier instead of 32.
+Values are 8-bit symmetric codes with one fp16 scale per appended chunk, or fp16 values at 16 bits.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 
 OUTLIER_BITS = (8, 16)
+_LOW_BITS = 15
 
 
-@dataclass
 class SparseOutliers:
-    bits: int
-    rows: int
-    dim: int
-    index: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int32))
-    values: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int8))
-    scales: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float16))  # per chunk
-    counts: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int32))  # per chunk
-    tokens: int = 0  # tokens covered so far
+    def __init__(self, bits: int, rows: int, dim: int):
+        self.bits, self.rows, self.dim = bits, rows, dim
+        self.low = torch.zeros(0, dtype=torch.int16)  # per outlier: offset & 0x7fff
+        self.buckets = torch.zeros(0, dtype=torch.int32)  # per occupied bucket: offset >> 15
+        self.bucket_counts = torch.zeros(0, dtype=torch.int32)
+        self.values = torch.zeros(0, dtype=torch.int8 if bits == 8 else torch.float16)
+        self.scales = torch.zeros(0, dtype=torch.float16)  # per appended chunk (8-bit codes)
+        self.chunk_counts = torch.zeros(0, dtype=torch.int32)
+        self.tokens = 0  # tokens covered so far
 
     @property
     def count(self) -> int:
-        return self.index.numel()
+        return self.low.numel()
 
     @property
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.tensors())
 
     def tensors(self) -> list[torch.Tensor]:
-        return [self.index, self.values, self.scales, self.counts]
+        return [self.low, self.buckets, self.bucket_counts, self.values, self.scales, self.chunk_counts]
 
     def append(self, x: torch.Tensor, mask: torch.Tensor) -> None:
         """Take the values of ``x`` (rows, tokens, dim) where ``mask`` is set."""
-        xt, mt = x.transpose(0, 1), mask.transpose(0, 1)  # token-major
-        local = mt.reshape(-1).nonzero().squeeze(1)
-        vals = xt.reshape(-1)[local].float()
-        start = self.tokens * self.rows * self.dim
-        self.index = torch.cat([self.index.to(x.device), (local + start).to(torch.int32)])
+        local = mask.transpose(0, 1).reshape(-1).nonzero().squeeze(1)  # token-major, sorted
+        vals = x.transpose(0, 1).reshape(-1)[local].float()
+        offset = local + self.tokens * self.rows * self.dim
+        buckets, counts = torch.unique_consecutive(offset >> _LOW_BITS, return_counts=True)
+        dev = x.device
+        self.low = torch.cat([self.low.to(dev), (offset & ((1 << _LOW_BITS) - 1)).to(torch.int16)])
+        self.buckets = torch.cat([self.buckets.to(dev), buckets.to(torch.int32)])
+        self.bucket_counts = torch.cat([self.bucket_counts.to(dev), counts.to(torch.int32)])
         if self.bits == 16:
-            self.values = torch.cat([self.values.to(x.device, torch.float16), vals.half()])
-            scale = torch.ones(1, dtype=torch.float16, device=x.device)
+            self.values = torch.cat([self.values.to(dev), vals.half()])
         else:
-            absmax = vals.abs().max() if vals.numel() else torch.tensor(1.0, device=x.device)
+            absmax = vals.abs().max() if vals.numel() else torch.ones((), device=dev)
             scale = (absmax / 127).clamp_min(2.0**-14).half().reshape(1)
-            codes = (vals / scale.float()).round().clamp(-127, 127).to(torch.int8)
-            self.values = torch.cat([self.values.to(x.device), codes])
-        self.scales = torch.cat([self.scales.to(x.device), scale])
-        self.counts = torch.cat([self.counts.to(x.device), torch.tensor([local.numel()], dtype=torch.int32, device=x.device)])
+            self.values = torch.cat([self.values.to(dev), (vals / scale.float()).round().clamp(-127, 127).to(torch.int8)])
+            self.scales = torch.cat([self.scales.to(dev), scale])
+            self.chunk_counts = torch.cat([self.chunk_counts.to(dev), torch.tensor([local.numel()], dtype=torch.int32, device=dev)])
         self.tokens += x.shape[1]
+
+    def offsets(self) -> torch.Tensor:
+        high = self.buckets.long().repeat_interleave(self.bucket_counts.long(), output_size=self.count)
+        return (high << _LOW_BITS) | self.low.long()
 
     def decoded_values(self, dtype: torch.dtype) -> torch.Tensor:
         if self.bits == 16:
             return self.values.to(dtype)
-        per = self.scales.to(dtype).repeat_interleave(self.counts.long(), output_size=self.count)
+        per = self.scales.to(dtype).repeat_interleave(self.chunk_counts.long(), output_size=self.count)
         return self.values.to(dtype) * per
 
     def scatter_into(self, dense: torch.Tensor) -> torch.Tensor:
         """Write the outliers into ``dense`` (rows, tokens >= self.tokens, dim) in place and return it."""
         if self.count == 0:
             return dense
-        idx = self.index.long()
+        idx = self.offsets()
         rd = self.rows * self.dim
-        t, r, d = idx // rd, (idx % rd) // self.dim, idx % self.dim
-        dense[r, t, d] = self.decoded_values(dense.dtype)
+        dense[(idx % rd) // self.dim, idx // rd, idx % self.dim] = self.decoded_values(dense.dtype)
         return dense
-
-    def select_rows(self, index: torch.Tensor) -> "SparseOutliers":
-        raise NotImplementedError("beam search over sparse outliers is not supported")

@@ -96,7 +96,7 @@ def test_planted_outliers_are_found_and_restored():
     for h, t, d, val in planted:
         k[0, h, t, d] = val
     layer.update(k, torch.randn(1, 2, 32, 16))
-    mask_idx = layer.k.outliers.index.long()
+    mask_idx = layer.k.outliers.offsets()
     found = {(int(i % (2 * 16) // 16), int(i // (2 * 16)), int(i % 16)) for i in mask_idx}
     assert {(h, t, d) for h, t, d, _ in planted} <= found
     assert layer.k.outliers.count < 0.02 * k.numel()

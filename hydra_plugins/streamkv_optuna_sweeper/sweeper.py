@@ -102,7 +102,9 @@ class OptunaSweeper(Sweeper):
         returns, launched = [], 0
         while launched < self.n_trials:
             trials = [study.ask() for _ in range(min(self.n_jobs, self.n_trials - launched))]
-            batch = [fixed + [as_override(k, suggest(t)) for k, suggest in space.items()] for t in trials]
+            for t in trials:
+                t.set_user_attr("overrides", [as_override(k, suggest(t)) for k, suggest in space.items()])
+            batch = [fixed + t.user_attrs["overrides"] for t in trials]
             self.validate_batch_is_legal(batch)
             results = self.launcher.launch(batch, initial_job_idx=launched)
             for trial, ret in zip(trials, results):
@@ -117,10 +119,14 @@ class OptunaSweeper(Sweeper):
             log.warning("trial %d failed: %s", trial.number, ret._return_value)
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
             return
-        value, attrs = objective(ret.return_value, self.objective, self.budget, self.direction)
+        try:
+            value, attrs = objective(ret.return_value, self.objective, self.budget, self.direction)
+        except KeyError as e:
+            log.warning("trial %d: %s", trial.number, e)
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            return
         for k, v in attrs.items():
             trial.set_user_attr(k, v)
-        trial.set_user_attr("overrides", list(ret.overrides))
         study.tell(trial, value)
 
     def write_best(self, study: optuna.Study, path: Path) -> None:
@@ -134,7 +140,7 @@ class OptunaSweeper(Sweeper):
             "name": "optuna",
             "objective": self.objective,
             "budget": {"metric": self.budget.metric, "max": self.budget.max, "penalty": self.budget.penalty},
-            "best_params": best.params,
+            "best_overrides": best.user_attrs["overrides"],  # ready to paste after `python -m runners.eval`
             "best_value": best.value,
             "best_trial": {"number": best.number, **best.user_attrs},
             "trials": len(study.trials),
@@ -143,4 +149,4 @@ class OptunaSweeper(Sweeper):
         }
         OmegaConf.save(OmegaConf.create(summary), path)
         log.info("Optuna: best %s=%.4g with %s (%s)", self.objective, best.user_attrs.get("raw", best.value),
-                 best.params, path)
+                 " ".join(best.user_attrs["overrides"]), path)

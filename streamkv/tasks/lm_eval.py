@@ -83,8 +83,8 @@ class LmEval:
                 f"the context of {max_length} tokens (the model's max positions or task.max_length)",
             )
         with tempfile.TemporaryDirectory(prefix="streamkv-lm-eval-") as docs_dir:
+            manager = self._task_manager(docs_dir)  # checks the names first
             self._write_docs(ctx, Path(docs_dir))
-            manager = self._task_manager(docs_dir)
             tasks = [t for name in self.names for t in self._load(manager, name)]
             t0 = time.perf_counter()
             out = simple_evaluate(

@@ -1,0 +1,146 @@
+"""Non-uniform codebook quantization (KVQuant's datatype) with really packed codes.
+
+Each group is normalised to [-1, 1] by its own min-max range (an fp16 ``scale`` = half-range and
+``zero`` = mid-range, as many bytes as the uniform quantizer), and every value is stored as the
+b-bit index of the nearest level of a fixed codebook of ``2**bits`` levels in [-1, 1]:
+
+* ``nf`` (NormalFloat-style): the quantiles of a standard normal at ``(i + 0.5) / 2**bits``, scaled
+  so that the extreme levels are exactly -1 and 1 (the group's min and max stay exact). Levels are
+  denser near the middle, where most keys and values fall;
+* ``uniform``: evenly spaced levels (the same grid as the ``uniform`` quantizer; for ablations).
+
+KVQuant calibrates one codebook per layer offline (sensitivity-weighted k-means); this one needs no
+calibration data, so it works on streaming input. Codes are packed with :mod:`streamkv.packing`;
+the codebook is held once per stored tensor and counted in the bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+from ..errors import check, one_of
+from ..packing import pack, unpack
+from ..quantization import _MIN_SCALE, AXES, Quantized, _as_units
+from ..registry import register
+from .per_token import check_groups, group_for
+from .uniform import UniformQuantizer
+
+CODEBOOKS = ("nf", "uniform")
+NU_BITS = (2, 3, 4)
+
+
+@lru_cache(maxsize=None)
+def codebook(bits: int, kind: str = "nf") -> torch.Tensor:
+    """``2**bits`` sorted float32 levels in [-1, 1], both ends included."""
+    n = 1 << bits
+    if kind == "uniform":
+        return torch.linspace(-1.0, 1.0, n)
+    q = torch.special.ndtri((torch.arange(n, dtype=torch.float64) + 0.5) / n)
+    return (q / q[-1]).float()
+
+
+@dataclass
+class CodebookQuantized(Quantized):
+    """A :class:`Quantized` whose codes index ``levels`` (scaled by ``scale``, shifted by ``zero``)."""
+
+    levels: torch.Tensor = None  # float32 (2**bits,)
+
+    @property
+    def nbytes(self) -> int:
+        return super().nbytes + self.levels.nbytes
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.codes, self.scale, self.zero, self.levels]
+
+    def append(self, other: "CodebookQuantized") -> "CodebookQuantized":
+        return CodebookQuantized(
+            torch.cat([self.codes, other.codes], 1),
+            torch.cat([self.scale, other.scale], 1),
+            torch.cat([self.zero, other.zero], 1),
+            self.bits,
+            self.axis,
+            self.group_size,
+            self.dim,
+            self.levels,
+        )
+
+    def select_rows(self, index: torch.Tensor) -> "CodebookQuantized":
+        return CodebookQuantized(
+            self.codes[index], self.scale[index], self.zero[index], self.bits, self.axis, self.group_size, self.dim, self.levels
+        )
+
+    def dequantize(self, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+        rows, units, _ = self.codes.shape
+        a, b = (self.group_size, self.dim) if self.axis == "channel" else (self.dim // self.group_size, self.group_size)
+        codes = unpack(self.codes, self.bits, a * b)
+        values = self.levels.to(dtype).index_select(0, codes.reshape(-1).to(torch.int32)).view(rows, units, a, b)
+        if out is not None:
+            torch.addcmul(self.zero.to(dtype), values, self.scale.to(dtype), out=out.view(rows, units, a, b))
+            return out
+        x = torch.addcmul(self.zero.to(dtype), values, self.scale.to(dtype))
+        return x.reshape(rows, units * self.unit_tokens, self.dim)
+
+
+def quantize_codebook(
+    x: torch.Tensor, bits: int, axis: str, group_size: int, kind: str = "nf", exclude: torch.Tensor | None = None
+) -> CodebookQuantized:
+    """Quantize ``x`` (rows, tokens, dim) group-wise onto :func:`codebook` ``(bits, kind)``.
+
+    ``exclude`` marks values stored elsewhere (outliers, sinks): they take no part in a group's range.
+    """
+    rows, tokens, dim = x.shape
+    g = _as_units(x.float(), axis, group_size)
+    reduce = 2 if axis == "channel" else 3
+    if exclude is None:
+        lo, hi = g.amin(reduce, keepdim=True), g.amax(reduce, keepdim=True)
+    else:
+        m = _as_units(exclude, axis, group_size)
+        lo = torch.where(m, torch.inf, g).amin(reduce, keepdim=True)
+        hi = torch.where(m, -torch.inf, g).amax(reduce, keepdim=True)
+        empty = torch.isinf(lo)  # every value of the group is excluded
+        lo, hi = lo.masked_fill(empty, 0.0), hi.masked_fill(empty, 0.0)
+    scale = ((hi - lo) / 2).clamp_min(_MIN_SCALE).half()
+    zero = ((hi + lo) / 2).half()
+    levels = codebook(bits, kind).to(x.device)
+    u = (g - zero.float()) / scale.float()
+    codes = torch.bucketize(u, (levels[1:] + levels[:-1]) / 2).to(torch.uint8)  # the nearest level
+    return CodebookQuantized(pack(codes.flatten(2), bits), scale, zero, bits, axis, group_size, dim, levels)
+
+
+@register("quantizer", "nonuniform")
+@dataclass
+class NonUniformQuantizer(UniformQuantizer):
+    """b-bit codebook groups: keys per channel (pre-RoPE by default), values per token (KVQuant).
+
+    The fields are the ``uniform`` quantizer's, plus ``codebook`` (``nf`` or ``uniform``); a per-token
+    group size of 0 means the whole head dimension.
+    """
+
+    key_group_size: int = 128
+    value_group_size: int = 0
+    codebook: str = "nf"
+
+    def __post_init__(self) -> None:
+        one_of("quantizer.key_bits", self.key_bits, NU_BITS)
+        one_of("quantizer.value_bits", self.value_bits, NU_BITS)
+        one_of("quantizer.key_axis", self.key_axis, AXES)
+        one_of("quantizer.value_axis", self.value_axis, AXES)
+        one_of("quantizer.codebook", self.codebook, CODEBOOKS)
+        check(self.residual_length >= 0, f"quantizer.residual_length={self.residual_length} must be >= 0")
+
+    def check_shapes(self, head_dim: int, chunk_size: int | None) -> None:
+        check_groups(self, head_dim, chunk_size)
+
+    def encode_keys(self, x: torch.Tensor, exclude: torch.Tensor | None = None) -> CodebookQuantized:
+        g = group_for(self.key_group_size, self.key_axis, x)
+        return quantize_codebook(x, self.key_bits, self.key_axis, g, self.codebook, exclude)
+
+    def encode_values(self, x: torch.Tensor, exclude: torch.Tensor | None = None) -> CodebookQuantized:
+        g = group_for(self.value_group_size, self.value_axis, x)
+        return quantize_codebook(x, self.value_bits, self.value_axis, g, self.codebook, exclude)
+
+    def describe(self) -> str:
+        return f"{self.codebook}{self.key_bits}/{self.value_bits} K:{self.key_axis}/{self.key_group_size} V:{self.value_axis}/{self.value_group_size}"

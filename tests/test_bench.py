@@ -1,0 +1,119 @@
+"""The side-by-side benchmark: planning, a tiny end-to-end run through the runner, crash reporting."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from streamkv import bench, registry
+
+REPO = Path(__file__).resolve().parent.parent
+CONF = REPO / "conf"
+registry.load_builtins()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These toy models run fastest on one thread; on a busy machine more threads only spin."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny64_dir(tmp_path_factory):
+    """A 2-layer random Llama with head_dim 64 and a one-character-per-token tokenizer, saved."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=1024,
+        attn_implementation="sdpa",
+    )
+    path = tmp_path_factory.mktemp("tiny64")
+    vocab = {chr(i): i - 32 for i in range(32, 127)}
+    vocab["<unk>"] = 95
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<unk>", pad_token="<unk>")
+    LlamaForCausalLM(config).eval().save_pretrained(path)
+    fast.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    path = tmp_path / "text.txt"
+    path.write_text(("The quick brown fox jumps over the lazy dog. " * 40 + "\n\n") * 8)
+    return path
+
+
+def bench_config(overrides=()) -> bench.BenchConfig:
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return OmegaConf.to_object(compose(config_name="bench", overrides=list(overrides)))
+
+
+def test_plan_runs_the_reference_first_and_filters_widths():
+    cfg = bench_config(["run=[kivi,hf_fp8,baseline]", "bits=[4]", "speed_bits=[2]"])
+    jobs = bench.plan(cfg)
+    assert [(j.method, j.bits) for j in jobs] == [("baseline", 32), ("kivi", 4), ("hf_fp8", 8)]
+    assert jobs[1].overrides == ["experiment=kivi", "quantizer.key_bits=4", "quantizer.value_bits=4"]
+    assert [j.speed for j in jobs] == [True, False, True]  # single-width methods are always timed
+    full = bench.plan(bench_config())
+    assert {j.method for j in full} == set(cfg.methods) and len(full) == 1 + 3 + 2 + 3 + 3 + 2 + 3 + 1
+
+
+def test_tiny_bench_writes_table_csv_and_plot(tiny64_dir, text_file, tmp_path):
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable, "-m", "runners.bench", "preset=tiny", f"model.path={tiny64_dir}", "model.name=tiny64",
+        "data=text_file", f"data.path={text_file}", "run=[baseline,streamkv,kivi,kvquant,hf_fp8]",
+        "max_windows=1", "progress=false", f"hydra.run.dir={out}",
+    ]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = (out / "bench.md").read_text()
+    for method in ("baseline", "streamkv", "kivi", "kvquant", "hf_fp8", "DynamicCache"):
+        assert f"| `{method}` |" in table
+    assert "crashed" not in table and "tiny64" in table
+    rows = list(csv.DictReader(open(out / "bench.csv")))
+    assert [r["method"] for r in rows] == ["baseline", "streamkv", "kivi", "kvquant", "hf_fp8", "DynamicCache"]
+    for r in rows[:-1]:
+        assert r["status"] == "ok" and float(r["ppl"]) > 1
+        assert float(r["prefill_tok_s"]) > 0 and float(r["prefill_ratio"]) > 0
+        assert float(r["decode_tok_s"]) > 0 and float(r["decode_ratio"]) > 0
+        assert float(r["kv_bytes_prefill"]) > 0
+    assert float(rows[0]["delta_ppl_pct"]) == 0
+    by = {r["method"]: r for r in rows}
+    assert float(by["streamkv"]["avg_bits"]) < 8 < float(by["baseline"]["avg_bits"])
+    assert float(by["streamkv"]["kv_bytes_prefill"]) < float(by["baseline"]["kv_bytes_prefill"]) / 4
+    png = out / "bench_pareto.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_crashing_method_is_reported_not_hidden(tiny64_dir, text_file, tmp_path):
+    cfg = bench_config(["preset=tiny", f"model.path={tiny64_dir}", "data=text_file", f"data.path={text_file}",
+                        "measure=[ppl]", "max_windows=1", "progress=false"])
+    cfg.methods["broken"] = bench.MethodSpec(label="a key group longer than a chunk",
+                                             overrides=["experiment=kivi", "quantizer.key_group_size=4096"], bits=[4])
+    cfg.run = ["baseline", "broken"]
+    res = bench.run_bench(cfg, tmp_path)
+    broken = res["rows"][1]
+    assert broken["status"] == "crashed" and "key_group_size" in broken["error"]
+    assert "crashed: ConfigError" in (tmp_path / "bench.md").read_text()
+    assert res["rows"][0]["status"] == "ok"
