@@ -86,8 +86,10 @@ class Quantized:
         rows, units, _ = self.codes.shape
         a, b = (self.group_size, self.dim) if self.axis == "channel" else (self.dim // self.group_size, self.group_size)
         codes = unpack(self.codes, self.bits, a * b).view(rows, units, a, b)
-        if out is not None:
-            torch.addcmul(self.zero.to(dtype), codes.to(dtype), self.scale.to(dtype), out=out.view(rows, units, a, b))
+        if out is not None:  # the codes convert straight into ``out``, then scale and shift in place
+            o = out.view(rows, units, a, b)
+            o.copy_(codes)
+            torch.addcmul(self.zero.to(dtype), o, self.scale.to(dtype), out=o)
             return out
         x = torch.addcmul(self.zero.to(dtype), codes.to(dtype), self.scale.to(dtype))
         return x.reshape(rows, units * self.unit_tokens, self.dim)

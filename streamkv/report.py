@@ -234,7 +234,8 @@ def plot_ablation(path: Path, name: str, table: list[dict]) -> bool:
     labels = sorted(removed, key=removed.get)
     colors = ["tab:red" if removed[v] > 0 else "tab:green" for v in labels]  # red: removing it hurts
     bars = ax.barh(labels, [removed[v] for v in labels], color=colors)
-    ax.bar_label(bars, fmt="%+.3g", fontsize=8)
+    ax.bar_label(bars, fmt="%+.3g", fontsize=8, padding=2)
+    ax.margins(x=0.25)  # room for the labels of negative bars
     ax.axvline(0, color="black", linewidth=0.8)
     ax.set(xlabel=f"Δppl vs the full method (ppl {full['ppl']:.4g})", title=f"{name}: removing one ingredient")
     fig.tight_layout()
