@@ -395,6 +395,7 @@ def run_bench(cfg: BenchConfig | DictConfig, run_dir: str | os.PathLike, command
         finally:
             row["seconds"] = time.perf_counter() - t0
             gc.collect()
+            write_json_atomic(run_dir / "bench.partial.json", {"rows": rows})  # progress, should the run die
 
     reference_rows = [r for r in rows if r["method"] == cfg.reference and r.get("ppl")]
     ref_ppl = reference_rows[0]["ppl"] if reference_rows else None
@@ -428,6 +429,7 @@ def run_bench(cfg: BenchConfig | DictConfig, run_dir: str | os.PathLike, command
     }
     results = {"meta": meta, "rows": rows, "speed_reference": reference, "config": OmegaConf.to_container(OmegaConf.structured(cfg))}
     write_json_atomic(run_dir / "bench.json", results)
+    (run_dir / "bench.partial.json").unlink(missing_ok=True)
     write_csv(rows, reference, run_dir / "bench.csv")
     (run_dir / "bench.md").write_text(markdown(rows, reference, meta, cfg))
     pareto_plot(rows, ref_ppl, run_dir / "bench_pareto.png", meta)

@@ -64,6 +64,8 @@ class CompressionConfig:
             "name": "uniform",
             "key_bits": self.key_bits_normal,
             "value_bits": self.value_bits_normal,
+            "rotate_keys": True,  # as conf/quantizer/uniform.yaml: the framework's defaults
+            "rotate_values": True,
             **self.quantizer_options,
         }
         sink = {

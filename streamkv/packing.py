@@ -23,7 +23,45 @@ def packed_size(n: int, bits: int) -> int:
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack ``codes`` (uint8, each < 2**bits) along the last axis into uint8."""
+    """Pack ``codes`` (uint8, each < 2**bits) along the last axis into uint8.
+
+    The inverse of :func:`unpack`'s trick: the codes of one output byte (or 3-byte word) are viewed as
+    one wider little-endian integer, one code per byte, and gathered into place with a few contiguous
+    shift-and-mask steps.
+    """
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits={bits} cannot be packed; supported: {SUPPORTED_BITS}")
+    if bits == 8:
+        return codes.to(torch.uint8).contiguous()
+    n = codes.shape[-1]
+    per = 8 if bits == 3 else 8 // bits
+    pad = (-n) % per
+    codes = codes.to(torch.uint8)
+    if pad:
+        codes = torch.nn.functional.pad(codes, (0, pad))
+    codes = codes.contiguous()
+    if codes.storage_offset() % 8:  # the wide view needs an aligned start
+        codes = codes.clone()
+    if bits == 4:
+        w = codes.view(torch.int16)
+        return ((w & 0x0F) | ((w >> 4) & 0xF0)).to(torch.uint8)
+    if bits == 2:
+        w = codes.view(torch.int32)
+        return ((w & 0x03) | ((w >> 6) & 0x0C) | ((w >> 12) & 0x30) | ((w >> 18) & 0xC0)).to(torch.uint8)
+    w = codes.view(torch.int64)
+    if bits == 1:
+        w = (w | (w >> 7)) & 0x0003000300030003
+        w = (w | (w >> 14)) & 0x0000000F0000000F
+        return ((w | (w >> 28)) & 0xFF).to(torch.uint8)
+    # 3 bits: eight codes into the low 24 bits, then its three bytes
+    w = (w | (w >> 5)) & 0x003F003F003F003F
+    w = (w | (w >> 10)) & 0x00000FFF00000FFF
+    w = (w | (w >> 20)) & 0x0000000000FFFFFF
+    return w.view(torch.uint8).unflatten(-1, (-1, 8))[..., :3].flatten(-2).contiguous()
+
+
+def _pack_shifts(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """The plain per-code shift version of :func:`pack` (any byte order; slower)."""
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"bits={bits} cannot be packed; supported: {SUPPORTED_BITS}")
     if bits == 8:
@@ -89,5 +127,5 @@ def _unpack_shifts(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     return codes.flatten(-2)[..., :n]
 
 
-if sys.byteorder != "little":  # pragma: no cover - the byte-view trick assumes little-endian words
-    unpack = _unpack_shifts  # noqa: F811
+if sys.byteorder != "little":  # pragma: no cover - the byte-view tricks assume little-endian words
+    pack, unpack = _pack_shifts, _unpack_shifts  # noqa: F811

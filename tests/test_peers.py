@@ -182,3 +182,10 @@ def test_missing_backend_is_a_clear_error(monkeypatch, tiny64):
     assert "pip install optimum-quanto" in HFQuanto.missing()
     with pytest.raises(ConfigError, match="pip install optimum-quanto"):
         new_cache(tiny64, comp, 128)
+
+
+def test_wrapped_caches_refuse_sinks_and_outliers(tiny64):
+    with pytest.raises(ConfigError, match="sink=none outlier=none"):
+        new_cache(tiny64, Compression("hf_fp8", "fixed", "none"), 128)
+    with pytest.raises(ConfigError, match="experiment=hf_fp8"):
+        new_cache(tiny64, Compression("hf_fp8", "none", "topk"), 128)

@@ -52,7 +52,7 @@ class EmaRelativeOutliers:
     key_bits: int = 8
     value_bits: int = 8
     keys: bool = True
-    values: bool = True
+    values: bool = False  # after a Hadamard rotation value outliers are spread out
 
     enabled = True
 

@@ -21,12 +21,11 @@ from functools import lru_cache
 
 import torch
 
-from ..errors import check, one_of
+from ..errors import one_of
 from ..packing import pack, unpack
-from ..quantization import _MIN_SCALE, AXES, Quantized, _as_units
+from ..quantization import _MIN_SCALE, Quantized, _as_units
 from ..registry import register
-from .per_token import check_groups, group_for
-from .uniform import UniformQuantizer
+from .per_token import GroupedQuantizer, group_for
 
 CODEBOOKS = ("nf", "uniform")
 NU_BITS = (2, 3, 4)
@@ -112,27 +111,26 @@ def quantize_codebook(
 
 @register("quantizer", "nonuniform")
 @dataclass
-class NonUniformQuantizer(UniformQuantizer):
+class NonUniformQuantizer(GroupedQuantizer):
     """b-bit codebook groups: keys per channel (pre-RoPE by default), values per token (KVQuant).
 
     The fields are the ``uniform`` quantizer's, plus ``codebook`` (``nf`` or ``uniform``); a per-token
     group size of 0 means the whole head dimension.
     """
 
+    key_bits: int = 4
+    value_bits: int = 4
+    key_axis: str = "channel"
+    value_axis: str = "token"
     key_group_size: int = 128
     value_group_size: int = 0
+    pre_rope: bool = True
+    residual_length: int = 0
     codebook: str = "nf"
 
     def __post_init__(self) -> None:
-        one_of("quantizer.key_bits", self.key_bits, NU_BITS)
-        one_of("quantizer.value_bits", self.value_bits, NU_BITS)
-        one_of("quantizer.key_axis", self.key_axis, AXES)
-        one_of("quantizer.value_axis", self.value_axis, AXES)
+        self._check_fields(NU_BITS)
         one_of("quantizer.codebook", self.codebook, CODEBOOKS)
-        check(self.residual_length >= 0, f"quantizer.residual_length={self.residual_length} must be >= 0")
-
-    def check_shapes(self, head_dim: int, chunk_size: int | None) -> None:
-        check_groups(self, head_dim, chunk_size)
 
     def encode_keys(self, x: torch.Tensor, exclude: torch.Tensor | None = None) -> CodebookQuantized:
         g = group_for(self.key_group_size, self.key_axis, x)

@@ -10,6 +10,7 @@ import torch
 from ..errors import check, one_of
 from ..quantization import AXES, Quantized, quantize
 from ..registry import register
+from ..rotation import Rotated, is_power_of_two, rotate
 
 BITS = (2, 3, 4, 8)
 
@@ -23,6 +24,8 @@ class UniformQuantizer:
     dimension (KIVI, KVQuant): key outliers live in fixed channels, value errors average out per token.
     ``pre_rope`` stores keys before the rotary embedding, where channels are smoother (KVQuant).
     ``residual_length`` keeps that many of the most recent tokens at full precision (KIVI).
+    ``rotate_keys``/``rotate_values`` Hadamard-rotate the head dimension before quantizing (QuaRot):
+    values that go to sparse outlier storage are zeroed first, then the rest is rotated and grouped.
     """
 
     key_bits: int = 4
@@ -33,6 +36,8 @@ class UniformQuantizer:
     value_group_size: int = 64
     pre_rope: bool = True
     residual_length: int = 0
+    rotate_keys: bool = False
+    rotate_values: bool = False
 
     enabled = True
 
@@ -56,6 +61,8 @@ class UniformQuantizer:
             axis, g = getattr(self, f"{kind}_axis"), getattr(self, f"{kind}_group_size")
             if axis == "token":
                 check(head_dim % g == 0, f"quantizer.{kind}_group_size={g} does not divide head_dim={head_dim}")
+        if self.rotate_keys or self.rotate_values:
+            check(is_power_of_two(head_dim), f"quantizer.rotate_*: head_dim={head_dim} is not a power of two")
         if chunk_size is not None:
             check(
                 chunk_size >= self.token_block,
@@ -63,11 +70,19 @@ class UniformQuantizer:
                 f"use chunk_size >= {self.token_block} or a smaller quantizer.key_group_size",
             )
 
-    def encode_keys(self, x: torch.Tensor, exclude: torch.Tensor | None = None) -> Quantized:
-        return quantize(x, self.key_bits, self.key_axis, self.key_group_size, exclude)
+    def encode_keys(self, x: torch.Tensor, exclude: torch.Tensor | None = None):
+        return self._encode(x, exclude, self.key_bits, self.key_axis, self.key_group_size, self.rotate_keys)
 
-    def encode_values(self, x: torch.Tensor, exclude: torch.Tensor | None = None) -> Quantized:
-        return quantize(x, self.value_bits, self.value_axis, self.value_group_size, exclude)
+    def encode_values(self, x: torch.Tensor, exclude: torch.Tensor | None = None):
+        return self._encode(x, exclude, self.value_bits, self.value_axis, self.value_group_size, self.rotate_values)
+
+    @staticmethod
+    def _encode(x, exclude, bits: int, axis: str, group_size: int, rotated: bool):
+        if not rotated:
+            return quantize(x, bits, axis, group_size, exclude)
+        if exclude is not None:
+            x = x.masked_fill(exclude, 0.0)  # stored elsewhere (sparse outliers, sinks): overwritten on read
+        return Rotated(quantize(rotate(x), bits, axis, group_size))
 
     def describe(self) -> str:
         return f"int{self.key_bits}/{self.value_bits} K:{self.key_axis}/{self.key_group_size} V:{self.value_axis}/{self.value_group_size}"
