@@ -76,7 +76,8 @@ class BenchConfig:
     decode_tokens: int = 64  # tokens decoded per timed decode run
     repeats: int = 3  # timed runs per measurement (median)
     measure: list[str] = field(default_factory=lambda: ["ppl", "prefill", "decode"])
-    reference: str = "baseline"  # the method Δppl is computed against (speed is paired with DynamicCache)
+    reference: str = "baseline"  # the method Δppl is computed against, run first when ppl is measured
+    # (speed is always paired with transformers' DynamicCache)
     run: list[str] = field(default_factory=list)  # methods to run, in order; empty = all
     bits: Optional[list[int]] = None  # keep only these widths of methods that have a {bits} placeholder
     speed_bits: Optional[list[int]] = None  # measure speed/memory only at these widths (null = all)
@@ -105,9 +106,11 @@ def compose_eval(overrides: list[str], conf_dir: str | os.PathLike = CONF_DIR) -
         return compose(config_name="eval", overrides=list(overrides))
 
 
-def compression_for(overrides: list[str], conf_dir: str | os.PathLike = CONF_DIR) -> Compression:
+def compression_for(overrides: list[str], conf_dir: str | os.PathLike = CONF_DIR) -> tuple[Compression, dict]:
+    """The composed compression and its resolved config (quantizer, sink, outlier)."""
     cfg = compose_eval(overrides, conf_dir)
-    return Compression(*(registry.create(g, cfg[g]) for g in ("quantizer", "sink", "outlier")))
+    resolved = {g: OmegaConf.to_container(cfg[g], resolve=True) for g in ("quantizer", "sink", "outlier")}
+    return Compression(*(registry.create(g, cfg[g]) for g in ("quantizer", "sink", "outlier"))), resolved
 
 
 @dataclass
@@ -124,9 +127,10 @@ def plan(cfg: BenchConfig) -> list[Job]:
     names = list(cfg.run) or list(cfg.methods)
     unknown = [n for n in [*names, cfg.reference] if n not in cfg.methods]
     check(not unknown, f"unknown bench method(s) {unknown}; methods: {sorted(cfg.methods)}")
-    if cfg.reference in names:
-        names.remove(cfg.reference)
-    names.insert(0, cfg.reference)
+    if "ppl" in cfg.measure:  # Δppl needs the reference, first
+        if cfg.reference in names:
+            names.remove(cfg.reference)
+        names.insert(0, cfg.reference)
     jobs = []
     for name in names:
         spec = cfg.methods[name]
@@ -281,6 +285,7 @@ def measure_speed(model, ids: torch.Tensor, make_cache: Callable, cfg: BenchConf
         out["prefill_tok_s"] = n_prompt / statistics.median(runs)
         out["prefill_ratio"] = statistics.median(ratios)
         out["prefill_runs_s"] = runs
+        out["prefill_ref_runs_s"] = ref.prefill_runs[-len(runs):]
     if "decode" in cfg.measure:
         cache = make_cache()
         prefill(model, ids[:ctx], cache, cfg.chunk_size)
@@ -295,6 +300,7 @@ def measure_speed(model, ids: torch.Tensor, make_cache: Callable, cfg: BenchConf
         out["decode_tok_s"] = cfg.decode_tokens / statistics.median(runs)
         out["decode_ratio"] = statistics.median(ratios)
         out["decode_runs_s"] = runs
+        out["decode_ref_runs_s"] = ref.decode_runs[-len(runs):]
     return out
 
 
@@ -356,6 +362,7 @@ def run_bench(cfg: BenchConfig | DictConfig, run_dir: str | os.PathLike, command
     ptask = Perplexity(window=cfg.window, max_windows=cfg.max_windows, mode="stream")
 
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    revision = git_revision()  # at the start: the code that runs (compositions are re-read per job)
     load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
     ref = SpeedReference(model, prompt, cfg) if speed_wanted else None
     if ref is not None:
@@ -368,7 +375,7 @@ def run_bench(cfg: BenchConfig | DictConfig, run_dir: str | os.PathLike, command
         log.info("[%d/%d] %s bits=%s", i + 1, len(jobs), job.method, job.bits)
         t0 = time.perf_counter()
         try:
-            compression = compression_for(job.overrides)
+            compression, row["resolved"] = compression_for(job.overrides)
             reason = getattr(compression.quantizer, "missing", lambda: None)()
             if reason:
                 row["status"], row["error"] = "skipped", reason
@@ -425,7 +432,7 @@ def run_bench(cfg: BenchConfig | DictConfig, run_dir: str | os.PathLike, command
                      "prefill_tokens": len(prompt), "decode_context": cfg.decode_context,
                      "decode_tokens": cfg.decode_tokens, "repeats": cfg.repeats, "measure": list(cfg.measure)},
         "versions": versions(),
-        "git": git_revision(),
+        "git": revision,
     }
     results = {"meta": meta, "rows": rows, "speed_reference": reference, "config": OmegaConf.to_container(OmegaConf.structured(cfg))}
     write_json_atomic(run_dir / "bench.json", results)

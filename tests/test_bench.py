@@ -74,6 +74,8 @@ def test_plan_runs_the_reference_first_and_filters_widths():
     assert [(j.method, j.bits) for j in jobs] == [("baseline", 32), ("kivi", 4), ("hf_fp8", 8)]
     assert jobs[1].overrides == ["experiment=kivi", "quantizer.key_bits=4", "quantizer.value_bits=4"]
     assert [j.speed for j in jobs] == [True, False, True]  # single-width methods are always timed
+    speed_only = bench.plan(bench_config(["run=[kivi]", "bits=[4]", "measure=[decode]"]))
+    assert [(j.method, j.bits) for j in speed_only] == [("kivi", 4)]  # no Δppl, no reference run
     full = bench.plan(bench_config())
     assert {j.method for j in full} == set(cfg.methods) and len(full) == 1 + 3 + 2 + 3 + 3 + 2 + 3 + 1
 
@@ -115,5 +117,6 @@ def test_a_crashing_method_is_reported_not_hidden(tiny64_dir, text_file, tmp_pat
     res = bench.run_bench(cfg, tmp_path)
     broken = res["rows"][1]
     assert broken["status"] == "crashed" and "key_group_size" in broken["error"]
+    assert broken["resolved"]["quantizer"]["key_group_size"] == 4096  # each row records what it composed
     assert "crashed: ConfigError" in (tmp_path / "bench.md").read_text()
     assert res["rows"][0]["status"] == "ok"
