@@ -175,10 +175,7 @@ class CompressedLayer(CacheLayerMixin):
         n = s.body.tokens
         out = torch.empty(self.rows, n + sum(t.shape[1] for t in tail), self.dim, dtype=self.dtype, device=self.device)
         body = out[:, :n]
-        try:
-            s.body.dequantize(self.dtype, out=body)
-        except TypeError:  # a storage class without ``out=``
-            body.copy_(s.body.dequantize(self.dtype))
+        s.body.dequantize(self.dtype, out=body)
         if s.outliers is not None:
             s.outliers.scatter_into(body)
         if s.sinks is not None:

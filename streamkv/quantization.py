@@ -14,7 +14,7 @@ the whole history dequantizes in one vectorised call.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -64,21 +64,16 @@ class Quantized:
         return [self.codes, self.scale, self.zero]
 
     def append(self, other: "Quantized") -> "Quantized":
-        """Concatenate ``other`` after ``self`` along the token axis."""
-        return Quantized(
-            torch.cat([self.codes, other.codes], 1),
-            torch.cat([self.scale, other.scale], 1),
-            torch.cat([self.zero, other.zero], 1),
-            self.bits,
-            self.axis,
-            self.group_size,
-            self.dim,
+        """Concatenate ``other`` after ``self`` along the token axis (subclasses keep their extra fields)."""
+        return replace(
+            self,
+            codes=torch.cat([self.codes, other.codes], 1),
+            scale=torch.cat([self.scale, other.scale], 1),
+            zero=torch.cat([self.zero, other.zero], 1),
         )
 
     def select_rows(self, index: torch.Tensor) -> "Quantized":
-        return Quantized(
-            self.codes[index], self.scale[index], self.zero[index], self.bits, self.axis, self.group_size, self.dim
-        )
+        return replace(self, codes=self.codes[index], scale=self.scale[index], zero=self.zero[index])
 
     def dequantize(self, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
         """The values as ``(rows, tokens, dim)`` of ``dtype``; written into ``out`` (that shape, e.g. a

@@ -58,6 +58,6 @@ class Rotated:
     def append(self, other: "Rotated") -> "Rotated":
         return Rotated(self.inner.append(other.inner))
 
-    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+    def dequantize(self, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
         y = self.inner.dequantize(dtype)
-        return y @ hadamard(y.shape[-1]).to(y.device, dtype).T
+        return torch.matmul(y, hadamard(y.shape[-1]).to(y.device, dtype).T, out=out)

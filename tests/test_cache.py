@@ -207,3 +207,12 @@ def test_unsupported_family_names_the_supported_ones():
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
     with pytest.raises(ConfigError, match=r"'gpt2' is not supported.*llama"):
         CompressedCache.for_model(gpt2, Compression("uniform"))
+
+
+def test_rotated_8_bit_cache_stays_close_to_full_precision(tiny_llama):
+    q = {"name": "uniform", "key_bits": 8, "value_bits": 8, "key_group_size": 16, "value_group_size": 16,
+         "rotate_keys": True, "rotate_values": True}
+    cache = CompressedCache.for_model(tiny_llama, Compression(q, "fixed", "ema_relative"), chunk_size=16)
+    ids = torch.randint(0, 96, (1, 48))
+    torch.testing.assert_close(feed(tiny_llama, ids, cache, 16), feed(tiny_llama, ids, DynamicCache(), 16), atol=0.05, rtol=0)
+    assert cache.stats()["kv_bytes"] == sum(t.nbytes for t in cache.tensors())

@@ -54,23 +54,6 @@ class CodebookQuantized(Quantized):
     def tensors(self) -> list[torch.Tensor]:
         return [self.codes, self.scale, self.zero, self.levels]
 
-    def append(self, other: "CodebookQuantized") -> "CodebookQuantized":
-        return CodebookQuantized(
-            torch.cat([self.codes, other.codes], 1),
-            torch.cat([self.scale, other.scale], 1),
-            torch.cat([self.zero, other.zero], 1),
-            self.bits,
-            self.axis,
-            self.group_size,
-            self.dim,
-            self.levels,
-        )
-
-    def select_rows(self, index: torch.Tensor) -> "CodebookQuantized":
-        return CodebookQuantized(
-            self.codes[index], self.scale[index], self.zero[index], self.bits, self.axis, self.group_size, self.dim, self.levels
-        )
-
     def dequantize(self, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
         rows, units, _ = self.codes.shape
         a, b = (self.group_size, self.dim) if self.axis == "channel" else (self.dim // self.group_size, self.group_size)
