@@ -59,5 +59,5 @@ class Rotated:
         return Rotated(self.inner.append(other.inner))
 
     def dequantize(self, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
-        y = self.inner.dequantize(dtype)
-        return torch.matmul(y, hadamard(y.shape[-1]).to(y.device, dtype).T, out=out)
+        y = self.inner.dequantize(dtype) @ hadamard(self.inner.dim).to(self.inner.codes.device, dtype).T
+        return y if out is None else out.copy_(y)
