@@ -100,6 +100,7 @@ def compose_eval(overrides: list[str], conf_dir: str | os.PathLike = CONF_DIR) -
 
     import streamkv.schema  # noqa: F401  (the eval schema)
 
+    registry.load_builtins()  # the components' schemas
     if GlobalHydra.instance().is_initialized():
         return compose(config_name="eval", overrides=list(overrides))
     with initialize_config_dir(config_dir=str(Path(conf_dir).resolve()), version_base="1.3"):
@@ -353,6 +354,10 @@ def run_bench(cfg: BenchConfig | DictConfig, run_dir: str | os.PathLike, command
     ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])
     if speed_wanted:
         check(len(ids) > n_prompt, f"the text has {len(ids)} tokens, fewer than prefill_tokens={n_prompt} + 1")
+        check(
+            "decode" not in cfg.measure or cfg.decode_context < n_prompt,
+            f"decode_context={cfg.decode_context} must be shorter than the prompt (prefill_tokens={n_prompt})",
+        )
         check(
             cfg.decode_context + cfg.decode_tokens * (cfg.repeats + 1) + 2 <= (limit or math.inf),
             f"decode_context={cfg.decode_context} plus {cfg.repeats + 1} x {cfg.decode_tokens} decoded tokens "
