@@ -16,40 +16,59 @@ REPO = Path(__file__).resolve().parent.parent
 WIKITEXT = REPO.parent / "shared" / "data" / "wikitext-2-raw" / "test.txt"
 
 
-@pytest.fixture(scope="session")
-def tiny_llama():
-    """A 2-layer random Llama with GQA (4 query heads, 2 kv heads, head_dim 16)."""
+def _random_llama(**shape):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        attn_implementation="sdpa",
-    )
+    config = LlamaConfig(vocab_size=128, num_hidden_layers=2, max_position_embeddings=1024, attn_implementation="sdpa", **shape)
     return LlamaForCausalLM(config).eval()
+
+
+def _save_with_char_tokenizer(model, path: Path) -> Path:
+    """Save ``model`` with a one-character-per-token tokenizer (printable ASCII), for runner tests."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {chr(i): i - 32 for i in range(32, 127)}
+    vocab["<unk>"] = 95
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<unk>", pad_token="<unk>")
+    model.save_pretrained(path)
+    fast.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    """A 2-layer random Llama with GQA (4 query heads, 2 kv heads, head_dim 16)."""
+    return _random_llama(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
 
 
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tiny_llama, tmp_path_factory):
     """The tiny Llama saved as a model directory with a small tokenizer, for runner tests."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    return _save_with_char_tokenizer(tiny_llama, tmp_path_factory.mktemp("tiny_llama"))
 
-    path = tmp_path_factory.mktemp("tiny_llama")
-    vocab = {chr(i): i - 32 for i in range(32, 127)}  # printable ASCII, one token per character
-    vocab["<unk>"] = 95
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<unk>", pad_token="<unk>")
-    tiny_llama.save_pretrained(path)
-    fast.save_pretrained(path)
-    return path
+
+@pytest.fixture(scope="session")
+def tiny64():
+    """A 2-layer random Llama with head_dim 64 (the default group sizes fit it) and 1 kv head."""
+    return _random_llama(hidden_size=128, intermediate_size=256, num_attention_heads=2, num_key_value_heads=1)
+
+
+@pytest.fixture(scope="session")
+def tiny64_dir(tiny64, tmp_path_factory):
+    return _save_with_char_tokenizer(tiny64, tmp_path_factory.mktemp("tiny64"))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Toy models run fastest on one thread; on a busy machine more threads only spin."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

@@ -19,41 +19,7 @@ CONF = REPO / "conf"
 registry.load_builtins()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These toy models run fastest on one thread; on a busy machine more threads only spin."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny64_dir(tmp_path_factory):
-    """A 2-layer random Llama with head_dim 64 and a one-character-per-token tokenizer, saved."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=1024,
-        attn_implementation="sdpa",
-    )
-    path = tmp_path_factory.mktemp("tiny64")
-    vocab = {chr(i): i - 32 for i in range(32, 127)}
-    vocab["<unk>"] = 95
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<unk>", pad_token="<unk>")
-    LlamaForCausalLM(config).eval().save_pretrained(path)
-    fast.save_pretrained(path)
-    return path
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

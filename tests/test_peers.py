@@ -21,35 +21,10 @@ CONF = Path(__file__).resolve().parent.parent / "conf"
 registry.load_builtins()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These toy models run fastest on one thread; on a busy machine more threads only spin."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 PEERS = ["kivi", "kvquant", "int_per_token", "hf_quanto", "hf_hqq", "hf_fp8"]
 HF_PACKAGES = {"hf_quanto": "optimum.quanto", "hf_hqq": "hqq"}
-
-
-@pytest.fixture(scope="module")
-def tiny64():
-    """A 2-layer random Llama with head_dim 64 (the peers' default group sizes fit it), 1 kv head."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=1024,
-        attn_implementation="sdpa",
-    )
-    return LlamaForCausalLM(config).eval()
 
 
 def peer(experiment: str, *overrides: str) -> Compression:
