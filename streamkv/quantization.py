@@ -90,6 +90,25 @@ class Quantized:
         return x.reshape(rows, units * self.unit_tokens, self.dim)
 
 
+def group_range(
+    x: torch.Tensor, axis: str, group_size: int, exclude: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``x`` as float units ``(rows, units, a, b)`` and each group's min and max (keepdim).
+
+    Values marked in ``exclude`` (kept elsewhere: sparse outliers, sinks) take no part in the range, so
+    one outlier does not widen the step of its whole group; a fully excluded group gets range [0, 0].
+    """
+    g = _as_units(x.float(), axis, group_size)
+    reduce = 2 if axis == "channel" else 3
+    if exclude is None:
+        return g, g.amin(reduce, keepdim=True), g.amax(reduce, keepdim=True)
+    m = _as_units(exclude, axis, group_size)
+    lo = torch.where(m, torch.inf, g).amin(reduce, keepdim=True)
+    hi = torch.where(m, -torch.inf, g).amax(reduce, keepdim=True)
+    empty = torch.isinf(lo)
+    return g, lo.masked_fill(empty, 0.0), hi.masked_fill(empty, 0.0)
+
+
 def quantize(
     x: torch.Tensor, bits: int, axis: str, group_size: int, exclude: torch.Tensor | None = None
 ) -> Quantized:
@@ -98,17 +117,8 @@ def quantize(
     ``exclude`` (bool, same shape) marks values kept elsewhere (sparse outliers): they take no part in
     a group's range, so one outlier does not widen the step of its whole group.
     """
-    rows, tokens, dim = x.shape
-    g = _as_units(x.float(), axis, group_size)
-    reduce = 2 if axis == "channel" else 3
-    if exclude is None:
-        lo, hi = g.amin(reduce, keepdim=True), g.amax(reduce, keepdim=True)
-    else:
-        m = _as_units(exclude, axis, group_size)
-        lo = torch.where(m, torch.inf, g).amin(reduce, keepdim=True)
-        hi = torch.where(m, -torch.inf, g).amax(reduce, keepdim=True)
-        empty = torch.isinf(lo)  # every value of the group is an outlier
-        lo, hi = lo.masked_fill(empty, 0.0), hi.masked_fill(empty, 0.0)
+    dim = x.shape[-1]
+    g, lo, hi = group_range(x, axis, group_size, exclude)
     levels = (1 << bits) - 1
     scale = ((hi - lo) / levels).clamp_min(_MIN_SCALE).half()
     zero = lo.half()

@@ -23,7 +23,7 @@ import torch
 
 from ..errors import one_of
 from ..packing import pack, unpack
-from ..quantization import _MIN_SCALE, Quantized, _as_units
+from ..quantization import _MIN_SCALE, Quantized, group_range
 from ..registry import register
 from .per_token import GroupedQuantizer, group_for
 
@@ -73,17 +73,8 @@ def quantize_codebook(
 
     ``exclude`` marks values stored elsewhere (outliers, sinks): they take no part in a group's range.
     """
-    rows, tokens, dim = x.shape
-    g = _as_units(x.float(), axis, group_size)
-    reduce = 2 if axis == "channel" else 3
-    if exclude is None:
-        lo, hi = g.amin(reduce, keepdim=True), g.amax(reduce, keepdim=True)
-    else:
-        m = _as_units(exclude, axis, group_size)
-        lo = torch.where(m, torch.inf, g).amin(reduce, keepdim=True)
-        hi = torch.where(m, -torch.inf, g).amax(reduce, keepdim=True)
-        empty = torch.isinf(lo)  # every value of the group is excluded
-        lo, hi = lo.masked_fill(empty, 0.0), hi.masked_fill(empty, 0.0)
+    dim = x.shape[-1]
+    g, lo, hi = group_range(x, axis, group_size, exclude)
     scale = ((hi - lo) / 2).clamp_min(_MIN_SCALE).half()
     zero = ((hi + lo) / 2).half()
     levels = codebook(bits, kind).to(x.device)
