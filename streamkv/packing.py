@@ -22,6 +22,19 @@ def packed_size(n: int, bits: int) -> int:
     return -(-n * bits // 8)
 
 
+def _padded_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """``codes`` as contiguous uint8, the last axis padded to whole packing words (8 // bits codes a
+    byte, 8 codes a 3-bit word)."""
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits={bits} cannot be packed; supported: {SUPPORTED_BITS}")
+    per = 8 if bits == 3 else 8 // bits
+    pad = (-codes.shape[-1]) % per
+    codes = codes.to(torch.uint8)
+    if pad:
+        codes = torch.nn.functional.pad(codes, (0, pad))
+    return codes.contiguous()
+
+
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack ``codes`` (uint8, each < 2**bits) along the last axis into uint8.
 
@@ -29,17 +42,9 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     one wider little-endian integer, one code per byte, and gathered into place with a few contiguous
     shift-and-mask steps.
     """
-    if bits not in SUPPORTED_BITS:
-        raise ValueError(f"bits={bits} cannot be packed; supported: {SUPPORTED_BITS}")
+    codes = _padded_codes(codes, bits)
     if bits == 8:
-        return codes.to(torch.uint8).contiguous()
-    n = codes.shape[-1]
-    per = 8 if bits == 3 else 8 // bits
-    pad = (-n) % per
-    codes = codes.to(torch.uint8)
-    if pad:
-        codes = torch.nn.functional.pad(codes, (0, pad))
-    codes = codes.contiguous()
+        return codes
     if codes.storage_offset() % 8:  # the wide view needs an aligned start
         codes = codes.clone()
     if bits == 4:
@@ -62,22 +67,16 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 def _pack_shifts(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """The plain per-code shift version of :func:`pack` (any byte order; slower)."""
-    if bits not in SUPPORTED_BITS:
-        raise ValueError(f"bits={bits} cannot be packed; supported: {SUPPORTED_BITS}")
+    codes = _padded_codes(codes, bits)
     if bits == 8:
-        return codes.to(torch.uint8).contiguous()
-    n = codes.shape[-1]
-    per = 8 if bits == 3 else 8 // bits
-    pad = (-n) % per
-    if pad:
-        codes = torch.nn.functional.pad(codes, (0, pad))
+        return codes
     if bits == 3:
         words = codes.to(torch.int32).unflatten(-1, (-1, 8))
         shifts = torch.arange(0, 24, 3, dtype=torch.int32, device=codes.device)
         word = (words << shifts).sum(-1, dtype=torch.int32)
         out = torch.stack([(word >> s) & 0xFF for s in (0, 8, 16)], dim=-1)
         return out.flatten(-2).to(torch.uint8)
-    groups = codes.to(torch.uint8).unflatten(-1, (-1, per))
+    groups = codes.unflatten(-1, (-1, 8 // bits))
     shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=codes.device)
     return (groups << shifts).sum(-1, dtype=torch.uint8)
 
