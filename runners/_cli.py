@@ -17,7 +17,7 @@ from hydra.errors import CompactHydraException, MissingConfigException
 from omegaconf.errors import OmegaConfBaseException
 
 from streamkv import jobdir
-from streamkv.errors import ConfigError
+from streamkv.kv.errors import ConfigError
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 SWEEPS_DIR = str(Path(__file__).resolve().parent.parent / "sweeps")

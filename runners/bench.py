@@ -25,7 +25,7 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from streamkv import bench, registry  # noqa: E402
-from streamkv.errors import ConfigError  # noqa: E402
+from streamkv.kv.errors import ConfigError  # noqa: E402
 
 registry.load_builtins()
 

@@ -20,7 +20,7 @@ from omegaconf import DictConfig  # noqa: E402
 
 import streamkv.schema  # noqa: E402,F401  (registers the primary schema)
 from streamkv import registry  # noqa: E402
-from streamkv.errors import ConfigError  # noqa: E402
+from streamkv.kv.errors import ConfigError  # noqa: E402
 from streamkv.experiment import run_job, summary  # noqa: E402
 
 registry.load_builtins()

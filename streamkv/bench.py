@@ -41,10 +41,10 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from . import registry
-from .cache import new_cache
-from .compression import Compression
+from .context import new_cache
+from .kv.compression import Compression
 from .context import RunContext
-from .errors import ConfigError, check
+from .kv.errors import ConfigError, check
 from .results import git_revision, versions, write_json_atomic
 from .streaming import prefill
 from .tasks.perplexity import Perplexity

@@ -1,8 +1,8 @@
-"""What to compress and how: a quantizer, a sink policy and an outlier detector, composed.
+"""Composing a :class:`~streamkv.kv.compression.Compression` from registered components.
 
-:class:`Compression` holds the three components (built from Hydra config groups by the runners).
-:class:`CompressionConfig` is the seed's flat set of knobs, kept for its Python API; it converts to a
-:class:`Compression` of the ``uniform`` / ``fixed`` / ``ema_relative`` components.
+:func:`compose` builds the three components from names, dicts or composed config nodes (the lab's
+side of the engine's :class:`Compression`). :class:`CompressionConfig` is the seed's flat set of
+knobs, kept for its Python API; it converts to ``uniform`` / ``fixed`` / ``ema_relative`` components.
 """
 
 from __future__ import annotations
@@ -11,34 +11,21 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import registry
-from .errors import check
+from .kv.compression import Compression
+from .kv.errors import check
 
 
-@dataclass
-class Compression:
-    quantizer: Any = "none"
-    sink: Any = "none"
-    outlier: Any = "none"
+def build_compression(quantizer: Any = "none", sink: Any = "none", outlier: Any = "none") -> Compression:
+    """A :class:`Compression` from registered names, ``{"name": ..., **fields}`` dicts, composed config
+    nodes or ready components."""
+    return Compression(
+        registry.create("quantizer", quantizer), registry.create("sink", sink), registry.create("outlier", outlier)
+    )
 
-    def __post_init__(self) -> None:
-        self.quantizer = registry.create("quantizer", self.quantizer)
-        self.sink = registry.create("sink", self.sink)
-        self.outlier = registry.create("outlier", self.outlier)
 
-    @property
-    def enabled(self) -> bool:
-        return bool(getattr(self.quantizer, "enabled", True))
-
-    def check_shapes(self, head_dim: int, chunk_size: int | None = None) -> None:
-        """Fail with a one-line error if the components cannot work on this model or chunk size."""
-        if self.enabled:
-            self.quantizer.check_shapes(head_dim, chunk_size)
-
-    def describe(self) -> dict[str, str]:
-        return {
-            g: getattr(getattr(self, g), "registered_name", type(getattr(self, g)).__name__)
-            for g in ("quantizer", "sink", "outlier")
-        }
+def describe(compression: Compression) -> dict[str, str]:
+    """The registered name of each component."""
+    return {g: registry.name_of(getattr(compression, g)) for g in ("quantizer", "sink", "outlier")}
 
 
 @dataclass
@@ -85,4 +72,4 @@ class CompressionConfig:
             if self.outlier_detection_enabled
             else "none"
         )
-        return Compression(quantizer, sink, outlier)
+        return build_compression(quantizer, sink, outlier)

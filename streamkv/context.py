@@ -7,8 +7,24 @@ from typing import Any, Callable
 
 import torch
 
-from .cache import new_cache
-from .compression import Compression
+from . import registry
+from .kv.cache import CompressedCache
+from .kv.compression import Compression
+from .kv.contracts import BringsOwnCache
+from .kv.errors import check
+
+
+def new_cache(model: torch.nn.Module, compression: Compression, chunk_size: int | None = None, quantize_own_chunk: bool = False):
+    """A fresh cache for ``model``: the quantizer's own (a peer that brings one) or a :class:`CompressedCache`."""
+    if isinstance(compression.quantizer, BringsOwnCache):
+        name = registry.name_of(compression.quantizer)
+        check(
+            not compression.sink.size and not compression.outlier.enabled,
+            f"quantizer={name} brings its own cache, which has no sinks or outliers; "
+            f"use sink=none outlier=none (experiment={name} does)",
+        )
+        return compression.quantizer.build_cache(model, chunk_size=chunk_size, quantize_own_chunk=quantize_own_chunk)
+    return CompressedCache.for_model(model, compression, chunk_size, quantize_own_chunk=quantize_own_chunk)
 
 
 @dataclass

@@ -17,10 +17,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from . import registry
-from .cache import new_cache
-from .compression import Compression
+from .context import new_cache
+from .kv.compression import Compression
 from .context import RunContext
-from .errors import ConfigError, check
+from .kv.errors import ConfigError, check
 from .results import FAILED, RESULTS, git_revision, read_json, versions, write_json_atomic
 
 log = logging.getLogger(__name__)

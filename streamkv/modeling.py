@@ -1,7 +1,7 @@
 """The seed's Python API: ``CompressedLlamaForCausalLM``.
 
 A plain ``LlamaForCausalLM`` (no model code is patched) whose ``generate`` streams the prompt in
-``chunk_size`` chunks into a :class:`~streamkv.cache.CompressedCache` and decodes through it, and
+``chunk_size`` chunks into a :class:`~streamkv.kv.cache.CompressedCache` and decodes through it, and
 whose ``get_compression_stats`` reports what that cache really holds.
 """
 
@@ -11,9 +11,9 @@ from typing import Any
 
 from transformers import LlamaForCausalLM
 
-from .cache import CompressedCache
+from .kv.cache import CompressedCache
 from .compression import CompressionConfig
-from .errors import ConfigError
+from .kv.errors import ConfigError
 from .models import embedded
 
 

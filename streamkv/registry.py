@@ -17,7 +17,7 @@ from typing import Any, Callable, TypeVar
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, MissingMandatoryValue, OmegaConf
 
-from .errors import ConfigError
+from .kv.errors import ConfigError
 
 T = TypeVar("T")
 
@@ -39,6 +39,16 @@ def register(group: str, name: str) -> Callable[[type[T]], type[T]]:
         return cls
 
     return decorate
+
+
+def name_of(component: Any) -> str:
+    """The name ``component``'s class is registered under (its class name if it is not registered)."""
+    cls = type(component)
+    for group in _REGISTRY.values():
+        for name, registered in group.items():
+            if registered is cls:
+                return name
+    return cls.__name__
 
 
 def names(group: str) -> list[str]:
@@ -83,7 +93,8 @@ def load_builtins() -> None:
     if _loaded:
         return
     _loaded = True
-    for package in ("quantizers", "sinks", "outliers", "tasks", "loggers", "models", "data"):
+    importlib.import_module(f"{__package__}.components")  # the engine's built-in components
+    for package in ("quantizers", "tasks", "loggers", "models", "data"):
         pkg = importlib.import_module(f"{__package__}.{package}")
         for info in pkgutil.iter_modules(pkg.__path__):
             importlib.import_module(f"{pkg.__name__}.{info.name}")

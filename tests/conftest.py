@@ -74,7 +74,7 @@ def one_thread():
 @pytest.fixture(scope="session")
 def embedded():
     """The embedded SmolLM2-135M-Instruct (model, tokenizer); skipped where it is not installed."""
-    from streamkv.errors import ConfigError
+    from streamkv.kv.errors import ConfigError
     from streamkv.models.causal_lm import CausalLM
 
     try:

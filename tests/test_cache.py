@@ -4,9 +4,10 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from streamkv import CompressedCache, Compression, ConfigError
-from streamkv.outliers.ema_relative import EmaChannelStats, EmaRelativeOutliers
-from streamkv.rope import RopeTable
+from streamkv import CompressedCache, ConfigError
+from streamkv.compression import build_compression
+from streamkv.kv.outliers.ema_relative import EmaChannelStats, EmaRelativeOutliers
+from streamkv.kv.rope import RopeTable
 from streamkv.streaming import token_logprobs
 
 SEED = dict(quantizer={"name": "uniform", "key_group_size": 16, "value_group_size": 16}, sink="fixed", outlier="ema_relative")
@@ -20,14 +21,14 @@ def feed(model, ids, cache, chunk):
 
 def test_uncompressed_logits_equal_dynamic_cache(tiny_llama):
     ids = torch.randint(0, 96, (1, 96))
-    ours = feed(tiny_llama, ids, CompressedCache.for_model(tiny_llama, Compression()), 32)
+    ours = feed(tiny_llama, ids, CompressedCache.for_model(tiny_llama, build_compression()), 32)
     ref = feed(tiny_llama, ids, DynamicCache(), 32)
     assert torch.equal(ours, ref)
 
 
 def test_compressed_prefill_changes_logits_only_after_first_chunk(tiny_llama):
     ids = torch.randint(0, 96, (1, 64))
-    cache = CompressedCache.for_model(tiny_llama, Compression(**SEED), chunk_size=32)
+    cache = CompressedCache.for_model(tiny_llama, build_compression(**SEED), chunk_size=32)
     ours = feed(tiny_llama, ids, cache, 32)
     ref = feed(tiny_llama, ids, DynamicCache(), 32)
     assert torch.equal(ours[:, :32], ref[:, :32])  # the first chunk attends to itself at full precision
@@ -36,7 +37,7 @@ def test_compressed_prefill_changes_logits_only_after_first_chunk(tiny_llama):
 
 
 def test_kv_bytes_is_the_sum_of_held_tensors(tiny_llama):
-    cache = CompressedCache.for_model(tiny_llama, Compression(**SEED), chunk_size=32)
+    cache = CompressedCache.for_model(tiny_llama, build_compression(**SEED), chunk_size=32)
     feed(tiny_llama, torch.randint(0, 96, (1, 70)), cache, 32)
     stats = cache.stats()
     assert stats["kv_bytes"] == sum(t.nbytes for t in cache.tensors())
@@ -47,7 +48,7 @@ def test_kv_bytes_is_the_sum_of_held_tensors(tiny_llama):
 
 
 def test_stored_bits_match_the_format(tiny_llama):
-    comp = Compression({"name": "uniform", "key_group_size": 16, "value_group_size": 16}, "none", "none")
+    comp = build_compression({"name": "uniform", "key_group_size": 16, "value_group_size": 16}, "none", "none")
     cache = CompressedCache.for_model(tiny_llama, comp, chunk_size=32)
     feed(tiny_llama, torch.randint(0, 96, (1, 64)), cache, 32)
     s = cache.stats()
@@ -65,7 +66,7 @@ def _layer_after(model, comp, ids, chunk):
 def test_sinks_are_stored_at_their_precision(tiny_llama):
     ids = torch.randint(0, 96, (1, 32))
     for bits, dtype in ((8, torch.uint8), (16, torch.float16)):
-        comp = Compression(SEED["quantizer"], {"name": "fixed", "size": 4, "key_bits": bits, "value_bits": bits}, "none")
+        comp = build_compression(SEED["quantizer"], {"name": "fixed", "size": 4, "key_bits": bits, "value_bits": bits}, "none")
         layer = _layer_after(tiny_llama, comp, ids, 32)
         sinks = layer.k.sinks
         assert sinks.tokens == 4
@@ -75,7 +76,7 @@ def test_sinks_are_stored_at_their_precision(tiny_llama):
 
 
 def test_sinks_replace_the_first_tokens_on_read(tiny_llama):
-    comp = Compression({"name": "uniform", "key_bits": 2, "value_bits": 2, "key_group_size": 16, "value_group_size": 16, "pre_rope": False},
+    comp = build_compression({"name": "uniform", "key_bits": 2, "value_bits": 2, "key_group_size": 16, "value_group_size": 16, "pre_rope": False},
                        {"name": "fixed", "size": 4, "key_bits": 16, "value_bits": 16}, "none")
     layer = CompressedCache.for_model(tiny_llama, comp, chunk_size=32).layers[0]
     k = torch.randn(1, 2, 32, 16)
@@ -86,7 +87,7 @@ def test_sinks_replace_the_first_tokens_on_read(tiny_llama):
 
 
 def test_planted_outliers_are_found_and_restored():
-    comp = Compression({"name": "uniform", "key_bits": 4, "value_bits": 4, "key_group_size": 16, "value_group_size": 16, "pre_rope": False},
+    comp = build_compression({"name": "uniform", "key_bits": 4, "value_bits": 4, "key_group_size": 16, "value_group_size": 16, "pre_rope": False},
                        "none", {"name": "ema_relative", "threshold": 4.0})
     cache = CompressedCache(comp, num_layers=1)
     layer = cache.layers[0]
@@ -136,7 +137,7 @@ def test_rope_unrotate_inverts_rotate(tiny_llama):
 
 
 def test_pre_rope_keys_round_trip_through_8_bits(tiny_llama):
-    comp = Compression({"name": "uniform", "key_bits": 8, "value_bits": 8, "key_group_size": 16, "value_group_size": 16, "pre_rope": True}, "none", "none")
+    comp = build_compression({"name": "uniform", "key_bits": 8, "value_bits": 8, "key_group_size": 16, "value_group_size": 16, "pre_rope": True}, "none", "none")
     cache = CompressedCache.for_model(tiny_llama, comp, chunk_size=32)
     ids = torch.randint(0, 96, (1, 48))
     ours = feed(tiny_llama, ids, cache, 16)
@@ -145,7 +146,7 @@ def test_pre_rope_keys_round_trip_through_8_bits(tiny_llama):
 
 
 def test_decoding_flushes_the_residual_in_whole_groups(tiny_llama):
-    comp = Compression(**SEED)
+    comp = build_compression(**SEED)
     cache = CompressedCache.for_model(tiny_llama, comp, chunk_size=16)
     feed(tiny_llama, torch.randint(0, 96, (1, 20)), cache, 16)
     layer = cache.layers[0]
@@ -156,7 +157,7 @@ def test_decoding_flushes_the_residual_in_whole_groups(tiny_llama):
 
 
 def test_kivi_style_residual_window_stays_full_precision(tiny_llama):
-    comp = Compression({"name": "uniform", "key_group_size": 16, "value_group_size": 16, "residual_length": 20}, "none", "none")
+    comp = build_compression({"name": "uniform", "key_group_size": 16, "value_group_size": 16, "residual_length": 20}, "none", "none")
     cache = CompressedCache.for_model(tiny_llama, comp, chunk_size=16)
     feed(tiny_llama, torch.randint(0, 96, (1, 64)), cache, 16)
     layer = cache.layers[0]
@@ -165,7 +166,7 @@ def test_kivi_style_residual_window_stays_full_precision(tiny_llama):
 
 def test_streaming_scores_every_token_after_the_first(tiny_llama):
     ids = torch.randint(0, 96, (100,))
-    lp, _ = token_logprobs(tiny_llama, ids, CompressedCache.for_model(tiny_llama, Compression()), 32)
+    lp, _ = token_logprobs(tiny_llama, ids, CompressedCache.for_model(tiny_llama, build_compression()), 32)
     full = torch.log_softmax(tiny_llama(input_ids=ids[None]).logits[0, :-1].float(), -1).gather(1, ids[1:, None])[:, 0]
     assert lp.shape == (99,)
     torch.testing.assert_close(lp, full, atol=1e-4, rtol=0)
@@ -187,18 +188,18 @@ def test_streaming_scores_every_token_after_the_first(tiny_llama):
 )
 def test_bad_component_values_fail_with_one_line(kwargs, match):
     with pytest.raises(ConfigError, match=match) as e:
-        Compression(**kwargs)
+        build_compression(**kwargs)
     assert "\n" not in str(e.value)
 
 
 def test_group_size_must_divide_head_dim(tiny_llama):
     with pytest.raises(ConfigError, match="value_group_size=12 does not divide head_dim=16"):
-        CompressedCache.for_model(tiny_llama, Compression({"name": "uniform", "value_group_size": 12}))
+        CompressedCache.for_model(tiny_llama, build_compression({"name": "uniform", "value_group_size": 12}))
 
 
 def test_chunk_smaller_than_a_key_group_is_refused(tiny_llama):
     with pytest.raises(ConfigError, match="chunk_size=64 is smaller than a key group"):
-        CompressedCache.for_model(tiny_llama, Compression({"name": "uniform", "key_group_size": 128, "value_group_size": 16}), chunk_size=64)
+        CompressedCache.for_model(tiny_llama, build_compression({"name": "uniform", "key_group_size": 128, "value_group_size": 16}), chunk_size=64)
 
 
 def test_unsupported_family_names_the_supported_ones():
@@ -206,13 +207,13 @@ def test_unsupported_family_names_the_supported_ones():
 
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
     with pytest.raises(ConfigError, match=r"'gpt2' is not supported.*llama"):
-        CompressedCache.for_model(gpt2, Compression("uniform"))
+        CompressedCache.for_model(gpt2, build_compression("uniform"))
 
 
 def test_rotated_8_bit_cache_stays_close_to_full_precision(tiny_llama):
     q = {"name": "uniform", "key_bits": 8, "value_bits": 8, "key_group_size": 16, "value_group_size": 16,
          "rotate_keys": True, "rotate_values": True}
-    cache = CompressedCache.for_model(tiny_llama, Compression(q, "fixed", "ema_relative"), chunk_size=16)
+    cache = CompressedCache.for_model(tiny_llama, build_compression(q, "fixed", "ema_relative"), chunk_size=16)
     ids = torch.randint(0, 96, (1, 48))
     torch.testing.assert_close(feed(tiny_llama, ids, cache, 16), feed(tiny_llama, ids, DynamicCache(), 16), atol=0.05, rtol=0)
     assert cache.stats()["kv_bytes"] == sum(t.nbytes for t in cache.tensors())

@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 import streamkv.schema  # noqa: F401
 from streamkv import registry
-from streamkv.compression import Compression
+from streamkv.compression import build_compression
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 registry.load_builtins()
@@ -38,7 +38,7 @@ def test_every_option_composes_and_builds(group, option, tmp_path):
             continue
         component = registry.create(g, cfg[g])
         assert type(component).registered_name in registry.names(g)
-    Compression(cfg.quantizer, cfg.sink, cfg.outlier)
+    build_compression(cfg.quantizer, cfg.sink, cfg.outlier)
 
 
 def test_every_registered_component_has_a_yaml_option():
@@ -69,13 +69,13 @@ def test_a_new_quantizer_is_one_module_and_one_yaml(tmp_path, monkeypatch, tiny_
     (tmp_path / "toy_quant.py").write_text(
         "from dataclasses import dataclass\n"
         "from streamkv import register\n"
-        "from streamkv.quantizers.uniform import UniformQuantizer\n"
+        "from streamkv.kv.quantizers.uniform import UniformQuantizer\n"
         "@register('quantizer', 'toy')\n"
         "@dataclass\n"
         "class ToyQuantizer(UniformQuantizer):\n"
         "    '''Uniform, but always 8-bit keys.'''\n"
-        "    def encode_keys(self, x, exclude=None):\n"
-        "        from streamkv.quantization import quantize\n"
+        "    def encode_keys(self, x, exclude=None, *, layer=0):\n"
+        "        from streamkv.kv.quantization import quantize\n"
         "        return quantize(x, 8, self.key_axis, self.key_group_size, exclude)\n"
     )
     conf = tmp_path / "conf" / "quantizer"
@@ -86,7 +86,7 @@ def test_a_new_quantizer_is_one_module_and_one_yaml(tmp_path, monkeypatch, tiny_
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name="eval", overrides=["quantizer=toy", f"hydra.searchpath=[file://{tmp_path / 'conf'}]"])
-    comp = Compression(cfg.quantizer, "none", "none")
+    comp = build_compression(cfg.quantizer, "none", "none")
     assert type(comp.quantizer).__name__ == "ToyQuantizer"
     from streamkv import CompressedCache
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from streamkv.compression import Compression
+from streamkv.compression import build_compression
 from streamkv.context import RunContext
-from streamkv.errors import ConfigError
+from streamkv.kv.errors import ConfigError
 from streamkv.lm_eval_docs import lastword_docs, rolling_docs
 from streamkv.lm_eval_model import StreamingCacheLM
 from streamkv.passkey import INTRO, NEEDLE, overhead, passkey_docs, passkey_match
@@ -30,7 +30,7 @@ def tiny_tok(tiny_llama_dir):
 
 
 def lm_for(model, tok, quantizer="none", chunk_size=16, max_length=None):
-    ctx = RunContext(model, tok, Compression(quantizer, "none", "none"), chunk_size, lambda: TEXT, progress=False)
+    ctx = RunContext(model, tok, build_compression(quantizer, "none", "none"), chunk_size, lambda: TEXT, progress=False)
     return StreamingCacheLM(ctx, max_length)
 
 

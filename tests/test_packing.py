@@ -3,7 +3,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streamkv.packing import SUPPORTED_BITS, pack, packed_size, unpack
+from streamkv.kv.packing import SUPPORTED_BITS, pack, packed_size, unpack
 
 
 @settings(max_examples=60, deadline=None)

@@ -11,10 +11,11 @@ from transformers import DynamicCache
 
 import streamkv.schema  # noqa: F401
 from streamkv import CompressedCache, Compression, ConfigError, registry
-from streamkv.cache import new_cache
-from streamkv.quantization import quantize
+from streamkv.compression import build_compression, describe
+from streamkv.context import new_cache
+from streamkv.kv.quantization import quantize
 from streamkv.quantizers.hf import HFQuanto, held_bytes
-from streamkv.quantizers.nonuniform import codebook, quantize_codebook
+from streamkv.kv.quantizers.nonuniform import codebook, quantize_codebook
 from streamkv.streaming import token_logprobs
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
@@ -30,7 +31,7 @@ HF_PACKAGES = {"hf_quanto": "optimum.quanto", "hf_hqq": "hqq"}
 def peer(experiment: str, *overrides: str) -> Compression:
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name="eval", overrides=[f"experiment={experiment}", *overrides])
-    return Compression(*(registry.create(g, cfg[g]) for g in ("quantizer", "sink", "outlier")))
+    return build_compression(*(cfg[g] for g in ("quantizer", "sink", "outlier")))
 
 
 def need_backend(name: str) -> None:
@@ -53,11 +54,11 @@ def test_peer_composes_and_streams(experiment, tiny64):
     need_backend(experiment)
     comp = peer(experiment)
     expected = {"kivi": "uniform", "kvquant": "nonuniform"}.get(experiment, experiment)
-    assert comp.describe()["quantizer"] == expected
+    assert describe(comp)["quantizer"] == expected
     cache, ids, lp = stream(tiny64, comp)
     assert lp.shape == (len(ids) - 1,) and torch.isfinite(lp).all()
     stats = cache.stats()
-    ours = CompressedCache.for_model(tiny64, Compression(), 128)
+    ours = CompressedCache.for_model(tiny64, build_compression(), 128)
     token_logprobs(tiny64, ids[:8], ours, 8)
     assert set(stats) >= set(ours.stats())  # the same report as the compressed cache
     assert stats["tokens"] == len(ids)
@@ -161,6 +162,6 @@ def test_missing_backend_is_a_clear_error(monkeypatch, tiny64):
 
 def test_wrapped_caches_refuse_sinks_and_outliers(tiny64):
     with pytest.raises(ConfigError, match="sink=none outlier=none"):
-        new_cache(tiny64, Compression("hf_fp8", "fixed", "none"), 128)
+        new_cache(tiny64, build_compression("hf_fp8", "fixed", "none"), 128)
     with pytest.raises(ConfigError, match="experiment=hf_fp8"):
-        new_cache(tiny64, Compression("hf_fp8", "none", "topk"), 128)
+        new_cache(tiny64, build_compression("hf_fp8", "none", "topk"), 128)

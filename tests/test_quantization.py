@@ -3,7 +3,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streamkv.quantization import Raw, encode, quantize
+from streamkv.kv.quantization import Raw, encode, quantize
 
 
 @settings(max_examples=40, deadline=None)
@@ -61,7 +61,7 @@ def test_sixteen_bits_is_fp16_raw():
 
 
 def test_hadamard_rotation_is_orthonormal_and_read_back():
-    from streamkv.rotation import hadamard
+    from streamkv.kv.rotation import hadamard
 
     h = hadamard(64)
     torch.testing.assert_close(h @ h.T, torch.eye(64), atol=1e-6, rtol=0)
@@ -70,7 +70,7 @@ def test_hadamard_rotation_is_orthonormal_and_read_back():
 
 
 def test_rotation_spreads_a_large_channel_and_lowers_the_error():
-    from streamkv.quantizers.uniform import UniformQuantizer
+    from streamkv.kv.quantizers.uniform import UniformQuantizer
 
     torch.manual_seed(0)
     x = torch.randn(3, 128, 64)
@@ -82,7 +82,7 @@ def test_rotation_spreads_a_large_channel_and_lowers_the_error():
 
 
 def test_rotated_values_keep_excluded_positions_out_of_the_groups():
-    from streamkv.quantizers.uniform import UniformQuantizer
+    from streamkv.kv.quantizers.uniform import UniformQuantizer
 
     x = torch.randn(1, 4, 64)
     x[0, 2, 7] = 500.0

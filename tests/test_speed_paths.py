@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from streamkv.packing import SUPPORTED_BITS, _pack_shifts, _unpack_shifts, pack, unpack
-from streamkv.quantization import Raw, quantize
-from streamkv.quantizers.nonuniform import quantize_codebook
-from streamkv.rope import RopeTable
+from streamkv.kv.packing import SUPPORTED_BITS, _pack_shifts, _unpack_shifts, pack, unpack
+from streamkv.kv.quantization import Raw, quantize
+from streamkv.kv.quantizers.nonuniform import quantize_codebook
+from streamkv.kv.rope import RopeTable
 
 
 @pytest.mark.parametrize("bits", SUPPORTED_BITS)

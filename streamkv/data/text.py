@@ -8,7 +8,7 @@ from typing import Optional
 
 from omegaconf import MISSING
 
-from ..errors import ConfigError
+from ..kv.errors import ConfigError
 from ..registry import register
 
 

@@ -8,7 +8,7 @@ from typing import Optional
 
 import torch
 
-from ..errors import ConfigError, one_of
+from ..kv.errors import ConfigError, one_of
 from ..registry import register
 from . import embedded
 

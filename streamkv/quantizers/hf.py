@@ -4,7 +4,7 @@
 one scale per tensor) build transformers' cache through :meth:`build_cache`, so the perplexity task
 and the benchmark drive them chunk by chunk exactly like the compressed cache. Their ``stats()`` are
 counted from the tensors each layer really holds (packed data, scales, zeros and the full-precision
-residual), with the keys of :meth:`streamkv.cache.CompressedCache.stats`.
+residual), with the keys of :meth:`streamkv.kv.cache.CompressedCache.stats`.
 
 transformers' integer layers keep a full-precision residual of up to ``residual_length`` tokens, but
 whenever a forward brings it to that length they re-quantize the *whole* history (dequantized
@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..errors import ConfigError, check, one_of
+from ..kv.errors import ConfigError, check, one_of
 from ..registry import register
 
 if not torch.cuda.is_available():  # HQQ compiles a CUDA extension on import unless told not to

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from ..context import RunContext
-from ..errors import ConfigError, check, one_of
+from ..kv.errors import ConfigError, check, one_of
 from ..registry import register
 
 TASKS_DIR = Path(__file__).resolve().parent.parent / "lm_eval_tasks"

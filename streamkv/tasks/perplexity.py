@@ -11,7 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..context import RunContext
-from ..errors import check, one_of
+from ..kv.errors import check, one_of
 from ..registry import register
 from ..streaming import token_logprobs, windows
 

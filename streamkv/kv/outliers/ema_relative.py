@@ -7,7 +7,6 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import check, one_of
-from ..registry import register
 from ..sparse import OUTLIER_BITS
 
 GRANULARITIES = ("value", "channel")
@@ -37,7 +36,6 @@ class EmaChannelStats:
             self.std = d * self.std + (1 - d) * std
 
 
-@register("outlier", "ema_relative")
 @dataclass
 class EmaRelativeOutliers:
     """A value is an outlier when ``|x - mean_c| > threshold * std_c`` for its channel's EMA statistics.

@@ -8,11 +8,9 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import check, one_of
-from ..registry import register
 from ..sparse import OUTLIER_BITS
 
 
-@register("outlier", "topk")
 @dataclass
 class TopKOutliers:
     """The ``fraction`` of values of a chunk (per row) farthest from their channel's mean, in units of

@@ -14,7 +14,6 @@ import torch
 
 from ..errors import check, one_of
 from ..quantization import AXES, Quantized, quantize
-from ..registry import register
 
 BITS = (2, 3, 4, 8)
 
@@ -63,7 +62,6 @@ class GroupedQuantizer:
             )
 
 
-@register("quantizer", "int_per_token")
 @dataclass
 class IntPerTokenQuantizer(GroupedQuantizer):
     """b-bit min-max groups along the head dimension for keys and values (group 0 = the whole head)."""
@@ -80,10 +78,10 @@ class IntPerTokenQuantizer(GroupedQuantizer):
     def __post_init__(self) -> None:
         self._check_fields(BITS)
 
-    def encode_keys(self, x: torch.Tensor, exclude: torch.Tensor | None = None) -> Quantized:
+    def encode_keys(self, x: torch.Tensor, exclude: torch.Tensor | None = None, *, layer: int = 0) -> Quantized:
         return quantize(x, self.key_bits, self.key_axis, group_for(self.key_group_size, self.key_axis, x), exclude)
 
-    def encode_values(self, x: torch.Tensor, exclude: torch.Tensor | None = None) -> Quantized:
+    def encode_values(self, x: torch.Tensor, exclude: torch.Tensor | None = None, *, layer: int = 0) -> Quantized:
         return quantize(x, self.value_bits, self.value_axis, group_for(self.value_group_size, self.value_axis, x), exclude)
 
     def describe(self) -> str:

@@ -9,13 +9,11 @@ import torch
 
 from ..errors import check, one_of
 from ..quantization import AXES, Quantized, quantize
-from ..registry import register
 from ..rotation import Rotated, is_power_of_two, rotate
 
 BITS = (2, 3, 4, 8)
 
 
-@register("quantizer", "uniform")
 @dataclass
 class UniformQuantizer:
     """b-bit groups with an fp16 scale and zero each.
@@ -70,10 +68,10 @@ class UniformQuantizer:
                 f"use chunk_size >= {self.token_block} or a smaller quantizer.key_group_size",
             )
 
-    def encode_keys(self, x: torch.Tensor, exclude: torch.Tensor | None = None):
+    def encode_keys(self, x: torch.Tensor, exclude: torch.Tensor | None = None, *, layer: int = 0):
         return self._encode(x, exclude, self.key_bits, self.key_axis, self.key_group_size, self.rotate_keys)
 
-    def encode_values(self, x: torch.Tensor, exclude: torch.Tensor | None = None):
+    def encode_values(self, x: torch.Tensor, exclude: torch.Tensor | None = None, *, layer: int = 0):
         return self._encode(x, exclude, self.value_bits, self.value_axis, self.value_group_size, self.rotate_values)
 
     @staticmethod

@@ -24,7 +24,6 @@ import torch
 from ..errors import one_of
 from ..packing import pack, unpack
 from ..quantization import _MIN_SCALE, Quantized, group_range
-from ..registry import register
 from .per_token import GroupedQuantizer, group_for
 
 CODEBOOKS = ("nf", "uniform")
@@ -83,7 +82,6 @@ def quantize_codebook(
     return CodebookQuantized(pack(codes.flatten(2), bits), scale, zero, bits, axis, group_size, dim, levels)
 
 
-@register("quantizer", "nonuniform")
 @dataclass
 class NonUniformQuantizer(GroupedQuantizer):
     """b-bit codebook groups: keys per channel (pre-RoPE by default), values per token (KVQuant).
@@ -106,11 +104,11 @@ class NonUniformQuantizer(GroupedQuantizer):
         self._check_fields(NU_BITS)
         one_of("quantizer.codebook", self.codebook, CODEBOOKS)
 
-    def encode_keys(self, x: torch.Tensor, exclude: torch.Tensor | None = None) -> CodebookQuantized:
+    def encode_keys(self, x: torch.Tensor, exclude: torch.Tensor | None = None, *, layer: int = 0) -> CodebookQuantized:
         g = group_for(self.key_group_size, self.key_axis, x)
         return quantize_codebook(x, self.key_bits, self.key_axis, g, self.codebook, exclude)
 
-    def encode_values(self, x: torch.Tensor, exclude: torch.Tensor | None = None) -> CodebookQuantized:
+    def encode_values(self, x: torch.Tensor, exclude: torch.Tensor | None = None, *, layer: int = 0) -> CodebookQuantized:
         g = group_for(self.value_group_size, self.value_axis, x)
         return quantize_codebook(x, self.value_bits, self.value_axis, g, self.codebook, exclude)
 

@@ -289,17 +289,3 @@ class CompressedCache(Cache):
                         out.extend(ts)
         return out
 
-
-def new_cache(model: torch.nn.Module, compression: Compression, chunk_size: int | None = None, quantize_own_chunk: bool = False):
-    """A fresh cache for ``model``: the quantizer's own (``build_cache``, e.g. wrapped peers) or a
-    :class:`CompressedCache`."""
-    build = getattr(compression.quantizer, "build_cache", None)
-    if build is not None:
-        name = getattr(compression.quantizer, "registered_name", type(compression.quantizer).__name__)
-        check(
-            not getattr(compression.sink, "size", 0) and not getattr(compression.outlier, "enabled", False),
-            f"quantizer={name} brings its own cache, which has no sinks or outliers; "
-            f"use sink=none outlier=none (experiment={name} does)",
-        )
-        return build(model, chunk_size=chunk_size, quantize_own_chunk=quantize_own_chunk)
-    return CompressedCache.for_model(model, compression, chunk_size, quantize_own_chunk=quantize_own_chunk)

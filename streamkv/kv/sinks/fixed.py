@@ -3,12 +3,10 @@
 from dataclasses import dataclass
 
 from ..errors import check, one_of
-from ..registry import register
 
 SINK_BITS = (2, 3, 4, 8, 16)
 
 
-@register("sink", "fixed")
 @dataclass
 class FixedSinks:
     """The first ``size`` tokens of the sequence, per-token quantized at ``key_bits``/``value_bits``.

@@ -2,10 +2,8 @@
 
 from dataclasses import dataclass
 
-from ..registry import register
 
 
-@register("sink", "none")
 @dataclass
 class NoSinks:
     size = 0
