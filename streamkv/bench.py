@@ -110,8 +110,9 @@ def compose_eval(overrides: list[str], conf_dir: str | os.PathLike = CONF_DIR) -
 def compression_for(overrides: list[str], conf_dir: str | os.PathLike = CONF_DIR) -> tuple[Compression, dict]:
     """The composed compression and its resolved config (quantizer, sink, outlier)."""
     cfg = compose_eval(overrides, conf_dir)
-    resolved = {g: OmegaConf.to_container(cfg[g], resolve=True) for g in ("quantizer", "sink", "outlier")}
-    return Compression(*(registry.create(g, cfg[g]) for g in ("quantizer", "sink", "outlier"))), resolved
+    groups = ("quantizer", "sink", "outlier", "attention")
+    resolved = {g: OmegaConf.to_container(cfg[g], resolve=True) for g in groups}
+    return Compression(*(registry.create(g, cfg[g]) for g in groups)), resolved
 
 
 @dataclass

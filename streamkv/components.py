@@ -5,6 +5,7 @@ names that ``conf/<group>/<name>.yaml`` and ``registry.create`` use. A component
 itself with ``@streamkv.register(group, name)`` in its own module instead.
 """
 
+from .kv.attention import AutoBackend, DenseBackend, FusedBackend, TritonBackend
 from .kv.outliers.ema_relative import EmaRelativeOutliers
 from .kv.outliers.none import NoOutliers
 from .kv.outliers.topk import TopKOutliers
@@ -26,6 +27,10 @@ BUILTINS = {
     ("outlier", "none"): NoOutliers,
     ("outlier", "ema_relative"): EmaRelativeOutliers,
     ("outlier", "topk"): TopKOutliers,
+    ("attention", "auto"): AutoBackend,
+    ("attention", "dense"): DenseBackend,
+    ("attention", "fused"): FusedBackend,
+    ("attention", "triton"): TritonBackend,
 }
 
 for (_group, _name), _cls in BUILTINS.items():

@@ -15,17 +15,16 @@ from .kv.compression import Compression
 from .kv.errors import check
 
 
-def build_compression(quantizer: Any = "none", sink: Any = "none", outlier: Any = "none") -> Compression:
+def build_compression(quantizer: Any = "none", sink: Any = "none", outlier: Any = "none", attention: Any = "auto") -> Compression:
     """A :class:`Compression` from registered names, ``{"name": ..., **fields}`` dicts, composed config
     nodes or ready components."""
-    return Compression(
-        registry.create("quantizer", quantizer), registry.create("sink", sink), registry.create("outlier", outlier)
-    )
+    parts = {"quantizer": quantizer, "sink": sink, "outlier": outlier, "attention": attention}
+    return Compression(**{g: registry.create(g, spec) for g, spec in parts.items()})
 
 
 def describe(compression: Compression) -> dict[str, str]:
     """The registered name of each component."""
-    return {g: registry.name_of(getattr(compression, g)) for g in ("quantizer", "sink", "outlier")}
+    return {g: registry.name_of(getattr(compression, g)) for g in ("quantizer", "sink", "outlier", "attention")}
 
 
 @dataclass

@@ -64,7 +64,7 @@ def _run(cfg: DictConfig, run_dir: Path, choices: dict[str, Any], group: str | N
             return previous
     check(cfg.chunk_size >= 1, f"chunk_size={cfg.chunk_size} must be >= 1")
     parts = {g: registry.create(g, cfg[g]) for g in registry.GROUPS}
-    compression = Compression(parts["quantizer"], parts["sink"], parts["outlier"])
+    compression = Compression(parts["quantizer"], parts["sink"], parts["outlier"], parts["attention"])
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
 

@@ -21,7 +21,7 @@ from .kv.errors import ConfigError
 
 T = TypeVar("T")
 
-GROUPS = ("model", "data", "task", "quantizer", "sink", "outlier", "logger")
+GROUPS = ("model", "data", "task", "quantizer", "sink", "outlier", "attention", "logger")
 _REGISTRY: dict[str, dict[str, type]] = {g: {} for g in GROUPS}
 
 

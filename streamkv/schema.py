@@ -19,6 +19,7 @@ class EvalConfig:
     quantizer: Any = None
     sink: Any = None
     outlier: Any = None
+    attention: Any = None
     logger: Any = None
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .attention.backend import AttentionBackend, AutoBackend
 from .contracts import OutlierDetector, Quantizer, SinkPolicy
 from .outliers.none import NoOutliers
 from .quantizers.none import NoQuantizer
@@ -12,11 +13,13 @@ from .sinks.none import NoSinks
 
 @dataclass
 class Compression:
-    """The components a :class:`~streamkv.kv.cache.CompressedCache` is built from (default: none)."""
+    """The components a :class:`~streamkv.kv.cache.CompressedCache` is built from (default: none),
+    and the attention backend that reads it (default: ``auto``)."""
 
     quantizer: Quantizer = field(default_factory=NoQuantizer)
     sink: SinkPolicy = field(default_factory=NoSinks)
     outlier: OutlierDetector = field(default_factory=NoOutliers)
+    attention: AttentionBackend | AutoBackend = field(default_factory=AutoBackend)
 
     @property
     def enabled(self) -> bool:

@@ -68,11 +68,21 @@ class SparseOutliers:
         per = self.scales.to(dtype).repeat_interleave(self.chunk_counts.long(), output_size=self.count)
         return self.values.to(dtype) * per
 
-    def scatter_into(self, dense: torch.Tensor) -> torch.Tensor:
-        """Write the outliers into ``dense`` (rows, tokens >= self.tokens, dim) in place and return it."""
-        if self.count == 0:
-            return dense
+    def coordinates(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(row, token, channel) of every outlier, tokens counted from the first appended."""
         idx = self.offsets()
         rd = self.rows * self.dim
-        dense[(idx % rd) // self.dim, idx // rd, idx % self.dim] = self.decoded_values(dense.dtype)
+        return (idx % rd) // self.dim, idx // rd, idx % self.dim
+
+    def scatter_into(self, dense: torch.Tensor, add: bool = False) -> torch.Tensor:
+        """Write (or with ``add``, add) the outliers into ``dense`` (rows, tokens >= self.tokens, dim) in
+        place and return it."""
+        if self.count == 0:
+            return dense
+        where = self.coordinates()
+        vals = self.decoded_values(dense.dtype)
+        if add:
+            dense.index_put_(where, vals, accumulate=True)
+        else:
+            dense[where] = vals
         return dense

@@ -53,6 +53,10 @@ class CodebookQuantized(Quantized):
     def tensors(self) -> list[torch.Tensor]:
         return [self.codes, self.scale, self.zero, self.levels]
 
+    @property
+    def lut(self) -> torch.Tensor:
+        return self.levels
+
     def dequantize(self, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
         rows, units, _ = self.codes.shape
         a, b = (self.group_size, self.dim) if self.axis == "channel" else (self.dim // self.group_size, self.group_size)

@@ -1,0 +1,114 @@
+"""The read contract: a layer's history as compressed segments, for attention backends to consume.
+
+A forward of one layer reads a :class:`LayerView`: the stored history as :class:`KVSegment` runs
+(attention sinks, the packed body with its sparse outliers, the full-precision residual), each in
+the domain it was stored in with the transforms a reader must apply, followed by the forward's own
+keys and values at full precision. A backend may materialise it (:meth:`LayerView.dense`, the
+reference) or attend on it segment by segment without ever building the dense history.
+
+Outliers: where keys or values are Hadamard-rotated, the values that went to sparse storage were
+zeroed before the rotation, so the sparse values *add* to the un-rotated body; otherwise they
+*replace* the body's (clipped) values at their positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .contracts import StoredBlock
+from .rope import RopeTable
+from .rotation import Rotated, hadamard
+from .sparse import SparseOutliers
+
+_VIEW = "streamkv_view"
+
+
+@dataclass
+class KVSegment:
+    """A run of history tokens stored one way, at positions ``start .. start + tokens``."""
+
+    start: int
+    keys: StoredBlock  # in the stored domain (Hadamard-rotated when ``key_hadamard``)
+    values: StoredBlock
+    skip: int = 0  # leading tokens superseded by a later segment (sinks replace their groups' copies)
+    key_hadamard: bool = False  # stored k H: the reader rotates the query (q H)·(k H) = q·k
+    value_hadamard: bool = False  # stored v H: the reader un-rotates its output once
+    key_rope: RopeTable | None = None  # keys stored before RoPE: rotate at their positions when read
+    key_outliers: SparseOutliers | None = None  # positions relative to ``start``; pre-RoPE, un-rotated
+    value_outliers: SparseOutliers | None = None
+
+    @classmethod
+    def of(cls, start: int, keys, values, **kw) -> "KVSegment":
+        """A segment from stored blocks, unwrapping a :class:`Rotated` block into its transform flag."""
+        kh, vh = isinstance(keys, Rotated), isinstance(values, Rotated)
+        return cls(start, keys.inner if kh else keys, values.inner if vh else values, key_hadamard=kh, value_hadamard=vh, **kw)
+
+    @property
+    def tokens(self) -> int:
+        return self.keys.tokens
+
+    def read(self, kind: str, dtype: torch.dtype, out: torch.Tensor) -> None:
+        """Write the dense ``kind`` ("keys"/"values") of all ``tokens`` into ``out`` (rows, tokens, dim):
+        the reference reader every backend must agree with."""
+        block, rotated, sparse = (
+            (self.keys, self.key_hadamard, self.key_outliers) if kind == "keys" else (self.values, self.value_hadamard, self.value_outliers)
+        )
+        block.dequantize(dtype, out=out)
+        if rotated:
+            out.copy_(out @ hadamard(out.shape[-1]).to(out.device, dtype).T)
+        if sparse is not None:
+            sparse.scatter_into(out, add=rotated)
+        if kind == "keys" and self.key_rope is not None:
+            self.key_rope.rotate_(out, self.start)
+
+
+@dataclass
+class LayerView:
+    """One forward's read of one layer: the history segments, then this forward's own keys/values.
+
+    ``segments`` are listed so that writing each in order gives the dense history (a segment that
+    supersedes another's leading tokens comes after it). Tensors are ``(rows, tokens, dim)`` with
+    rows = batch x kv-heads.
+    """
+
+    segments: list[KVSegment]
+    keys: torch.Tensor
+    values: torch.Tensor
+    batch: int
+    heads: int
+    backend: Any = None  # the AttentionBackend that attends on this view
+    mask_offset: int = 0  # position of the first key column of the mask transformers builds
+
+    @property
+    def history(self) -> int:
+        return max((s.start + s.tokens for s in self.segments), default=0)
+
+    def dense(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The dense history followed by the own tokens, as ``(batch, heads, tokens, dim)`` keys and values."""
+        rows, t, d = self.keys.shape
+        n = self.history
+        out = []
+        for kind, own in (("keys", self.keys), ("values", self.values)):
+            if not self.segments:
+                out.append(own.view(self.batch, self.heads, t, d))
+                continue
+            buf = torch.empty(rows, n + t, d, dtype=own.dtype, device=own.device)
+            for seg in self.segments:
+                seg.read(kind, own.dtype, buf[:, seg.start : seg.start + seg.tokens])
+            buf[:, n:].copy_(own)
+            out.append(buf.view(self.batch, self.heads, n + t, d))
+        return out[0], out[1]
+
+
+def attach(keys: torch.Tensor, view: LayerView) -> torch.Tensor:
+    """Hand ``view`` to the attention backend along with the keys tensor the model passes it."""
+    keys.__dict__[_VIEW] = view
+    return keys
+
+
+def view_of(keys: torch.Tensor) -> LayerView | None:
+    """The view :func:`attach` put on ``keys``; None for a plain dense tensor (any other cache)."""
+    return keys.__dict__.get(_VIEW)
