@@ -77,7 +77,7 @@ def test_sinks_are_stored_at_their_precision(tiny_llama):
 
 def test_sinks_replace_the_first_tokens_on_read(tiny_llama):
     comp = build_compression({"name": "uniform", "key_bits": 2, "value_bits": 2, "key_group_size": 16, "value_group_size": 16, "pre_rope": False},
-                       {"name": "fixed", "size": 4, "key_bits": 16, "value_bits": 16}, "none")
+                       {"name": "fixed", "size": 4, "key_bits": 16, "value_bits": 16}, "none", "dense")
     layer = CompressedCache.for_model(tiny_llama, comp, chunk_size=32).layers[0]
     k = torch.randn(1, 2, 32, 16)
     layer.update(k, k.clone())
