@@ -42,124 +42,169 @@ def available() -> bool:
 
 
 def covers(block) -> bool:
-    """Whether these kernels read ``block`` (packed widths 2/3/4/8, head dim a multiple of 8)."""
-    return block.bits in (2, 3, 4, 8) and block.dim % 8 == 0
+    """Whether these kernels read ``block``: packed widths 2/3/4/8, head dim and per-token groups in
+    whole packing words (8 codes)."""
+    whole = block.dim % 8 == 0 and (block.axis == "channel" or block.group_size % 8 == 0)
+    return block.bits in (2, 3, 4, 8) and whole
 
 
-if numba is not None:
+def _kernels(bits: int, has_lut: bool, channel_axis: bool):
+    """The two kernels specialised for one storage layout: ``bits``, the LUT and the axis are
+    compile-time constants, so every inner loop is a branch-free run over contiguous bytes."""
+    key = (bits, has_lut, channel_axis)
+    if key not in _compiled:
+        _compiled[key] = _build(*key)
+    return _compiled[key]
 
-    @njit(inline="always", fastmath=True)
-    def _unpack(codes, base, dim, bits, lut, has_lut, buf):
-        """Codes ``base .. base + dim`` of one packed unit into ``buf`` as floats (the LUT's levels if any)."""
-        if bits == 8:
-            for c in range(dim):
-                buf[c] = codes[base + c]
-        elif bits == 4:
-            o = base >> 1
-            for i in range(dim >> 1):
-                b = codes[o + i]
-                buf[2 * i] = b & 15
-                buf[2 * i + 1] = b >> 4
-        elif bits == 2:
-            o = base >> 2
-            for i in range(dim >> 2):
-                b = codes[o + i]
-                buf[4 * i] = b & 3
-                buf[4 * i + 1] = (b >> 2) & 3
-                buf[4 * i + 2] = (b >> 4) & 3
-                buf[4 * i + 3] = b >> 6
-        else:  # 3 bits: eight codes per little-endian 24-bit word
-            o = (base >> 3) * 3
-            for w in range(dim >> 3):
-                word = np.int32(codes[o + 3 * w]) | (np.int32(codes[o + 3 * w + 1]) << 8) | (np.int32(codes[o + 3 * w + 2]) << 16)
-                for k in range(8):
-                    buf[8 * w + k] = (word >> (3 * k)) & 7
-        if has_lut:
-            for c in range(dim):
-                buf[c] = lut[np.int32(buf[c])]
 
-    @njit(parallel=True, fastmath=True, cache=True)
-    def _qk(q, codes, scale, zero, lut, has_lut, bits, unit, group, channel_axis, t0, t1, out):
+_compiled: dict = {}
+
+
+def _build(BITS: int, HAS_LUT: bool, CHANNEL: bool):
+    PER = 8 if BITS == 3 else 8 // BITS  # codes per packing word (a byte, or 3 bytes for 3 bits)
+    WBYTES = 3 if BITS == 3 else 1
+    MASK = (1 << BITS) - 1
+
+    @njit(inline="always")
+    def unpack(cu, o, words, lut, buf):
+        """The codes of the token starting at byte ``o`` into ``buf`` in word layout: ``buf[k * words + i]``
+        is channel ``i * PER + k``. Each loop is a branch-free run over contiguous bytes (SIMD)."""
+        for k in range(PER):
+            for i in range(words):
+                if BITS == 3:
+                    w = np.int32(cu[o + 3 * i]) | (np.int32(cu[o + 3 * i + 1]) << 8) | (np.int32(cu[o + 3 * i + 2]) << 16)
+                    buf[k * words + i] = np.float32((w >> (3 * k)) & 7)
+                else:
+                    buf[k * words + i] = np.float32((np.int32(cu[o + i]) >> (k * BITS)) & MASK)
+        if HAS_LUT:
+            for m in range(PER * words):
+                buf[m] = lut[np.int32(buf[m])]
+
+    @njit(inline="always")
+    def to_words(x, out):
+        """``x`` (n, dim) into word layout ``out`` (n, dim): column ``(c % PER) * words + c // PER``."""
+        words = x.shape[1] // PER
+        for j in range(x.shape[0]):
+            for c in range(x.shape[1]):
+                out[j, (c % PER) * words + c // PER] = x[j, c]
+
+    @njit(parallel=True, fastmath=True)
+    def qk(q, codes, scale, zero, lut, unit, group, t0, t1, out):
+        """out[r, j, t - t0] = q[r, j] · k[r, t], with scale and zero folded into the query."""
         rows, nq, dim = q.shape
+        words = dim // PER
+        ngroups = dim // group
         n = t1 - t0
-        per = (n + CHUNKS - 1) // CHUNKS
+        size = (n + CHUNKS - 1) // CHUNKS
         for job in prange(rows * CHUNKS):
             r, ch = job // CHUNKS, job % CHUNKS
-            a, b = t0 + ch * per, min(t1, t0 + (ch + 1) * per)
+            a, b = t0 + ch * size, min(t1, t0 + (ch + 1) * size)
             buf = np.empty(dim, np.float32)
+            qp = np.empty((nq, dim), np.float32)
+            to_words(q[r], qp)
             qs = np.empty((nq, dim), np.float32)
-            qz = np.empty(nq, np.float32)
+            sw = np.empty((1, dim), np.float32)
+            qz = np.zeros(nq, np.float32)
+            gmap = np.empty(dim, np.int64)  # word-layout column -> its per-token group
+            for c in range(dim):
+                gmap[(c % PER) * words + c // PER] = c // group
+            qsum = np.zeros((nq, ngroups), np.float32)
+            for j in range(nq):
+                for m in range(dim):
+                    qsum[j, gmap[m]] += qp[j, m]
             u_now = -1
             for t in range(a, b):
                 u = t // unit
-                _unpack(codes[r, u], (t - u * unit) * dim, dim, bits, lut, has_lut, buf)
-                if channel_axis:
+                unpack(codes[r, u], (t - u * unit) * words * WBYTES, words, lut, buf)
+                if CHANNEL:
                     if u != u_now:  # the unit's scale and zero fold into the query
                         u_now = u
+                        to_words(scale[r, u : u + 1], sw)
                         for j in range(nq):
-                            z = 0.0
+                            z = np.float32(0.0)
                             for c in range(dim):
-                                qs[j, c] = q[r, j, c] * scale[r, u, c]
                                 z += q[r, j, c] * zero[r, u, c]
                             qz[j] = z
+                            for m in range(dim):
+                                qs[j, m] = qp[j, m] * sw[0, m]
                     for j in range(nq):
-                        acc = qz[j]
-                        for c in range(dim):
-                            acc += qs[j, c] * buf[c]
-                        out[r, j, t - t0] = acc
+                        acc = np.float32(0.0)
+                        for m in range(dim):
+                            acc += qs[j, m] * buf[m]
+                        out[r, j, t - t0] = acc + qz[j]
                 else:
                     for j in range(nq):
-                        acc = 0.0
-                        for k in range(dim // group):
-                            s1 = 0.0
-                            s0 = 0.0
-                            for c in range(k * group, (k + 1) * group):
-                                s1 += q[r, j, c] * buf[c]
-                                s0 += q[r, j, c]
-                            acc += s1 * scale[r, t, k] + s0 * zero[r, t, k]
+                        for m in range(dim):
+                            qs[j, m] = qp[j, m] * buf[m]
+                        acc = np.float32(0.0)
+                        for m in range(dim):
+                            g = gmap[m]
+                            acc += qs[j, m] * scale[r, t, g]
+                        for g in range(ngroups):
+                            acc += qsum[j, g] * zero[r, t, g]
                         out[r, j, t - t0] = acc
 
-    @njit(parallel=True, fastmath=True, cache=True)
-    def _pv(p, codes, scale, zero, lut, has_lut, bits, unit, group, channel_axis, t0, t1, parts):
+    @njit(parallel=True, fastmath=True)
+    def pv(p, codes, scale, zero, lut, unit, group, t0, t1, parts):
+        """parts[r, chunk] = Σ_t p[r, :, t] v[r, t] over the chunk's tokens (the caller sums chunks)."""
         rows, nq, _ = p.shape
         dim = parts.shape[-1]
+        words = dim // PER
+        ngroups = dim // group
         n = t1 - t0
-        per = (n + CHUNKS - 1) // CHUNKS
+        size = (n + CHUNKS - 1) // CHUNKS
         for job in prange(rows * CHUNKS):
             r, ch = job // CHUNKS, job % CHUNKS
-            a, b = t0 + ch * per, min(t1, t0 + (ch + 1) * per)
+            a, b = t0 + ch * size, min(t1, t0 + (ch + 1) * size)
             buf = np.empty(dim, np.float32)
-            out = parts[r, ch]
-            accu = np.zeros((nq, dim), np.float32)
+            acc = np.zeros((nq, dim), np.float32)  # word layout: Σ p·s·code (token axis), Σ p·code (channel axis)
+            unit_acc = np.zeros((nq, dim), np.float32)
+            zacc = np.zeros((nq, ngroups), np.float32)
             psum = np.zeros(nq, np.float32)
+            gmap = np.empty(dim, np.int64)
+            for c in range(dim):
+                gmap[(c % PER) * words + c // PER] = c // group
+            w = np.empty(dim, np.float32)
+            sw = np.empty((1, dim), np.float32)
+            zw = np.empty((1, dim), np.float32)
             u_now = -1
-            for t in range(a, b):
-                u = t // unit
-                if channel_axis and u != u_now:
-                    if u_now >= 0:  # flush the previous unit: out += s∘(Σ p c) + z Σ p
+            for t in range(a, b + 1):
+                u = t // unit if t < b else -2
+                if CHANNEL and u != u_now:
+                    if u_now >= 0:  # flush the finished unit: acc += s∘(Σ p c) + z Σ p
+                        to_words(scale[r, u_now : u_now + 1], sw)
+                        to_words(zero[r, u_now : u_now + 1], zw)
                         for j in range(nq):
-                            for c in range(dim):
-                                out[j, c] += scale[r, u_now, c] * accu[j, c] + zero[r, u_now, c] * psum[j]
-                                accu[j, c] = 0.0
+                            for m in range(dim):
+                                acc[j, m] += sw[0, m] * unit_acc[j, m] + zw[0, m] * psum[j]
+                                unit_acc[j, m] = 0.0
                             psum[j] = 0.0
                     u_now = u
-                _unpack(codes[r, u], (t - u * unit) * dim, dim, bits, lut, has_lut, buf)
-                for j in range(nq):
-                    pj = p[r, j, t - t0]
-                    if channel_axis:
+                if t == b:
+                    break
+                unpack(codes[r, u], (t - u * unit) * words * WBYTES, words, lut, buf)
+                if CHANNEL:
+                    for j in range(nq):
+                        pj = p[r, j, t - t0]
                         psum[j] += pj
-                        for c in range(dim):
-                            accu[j, c] += pj * buf[c]
-                    else:
-                        for k in range(dim // group):
-                            w = pj * scale[r, t, k]
-                            z = pj * zero[r, t, k]
-                            for c in range(k * group, (k + 1) * group):
-                                out[j, c] += w * buf[c] + z
-            if channel_axis and u_now >= 0:
-                for j in range(nq):
-                    for c in range(dim):
-                        out[j, c] += scale[r, u_now, c] * accu[j, c] + zero[r, u_now, c] * psum[j]
+                        for m in range(dim):
+                            unit_acc[j, m] += pj * buf[m]
+                else:
+                    for m in range(dim):
+                        w[m] = scale[r, t, gmap[m]] * buf[m]
+                    for j in range(nq):
+                        pj = p[r, j, t - t0]
+                        for m in range(dim):
+                            acc[j, m] += pj * w[m]
+                        for g in range(ngroups):
+                            zacc[j, g] += pj * zero[r, t, g]
+            out = parts[r, ch]
+            for j in range(nq):
+                for c in range(dim):
+                    m = (c % PER) * words + c // PER
+                    out[j, c] += acc[j, m] + (0.0 if CHANNEL else zacc[j, c // group])
+
+    return qk, pv
 
 
 def _layout(block, t0: int, t1: int):
@@ -168,9 +213,9 @@ def _layout(block, t0: int, t1: int):
     shape = (block.codes.shape[0], block.codes.shape[1], -1)
     scale = block.scale.reshape(shape).float().numpy()
     zero = block.zero.reshape(shape).float().numpy()
-    lut = block.lut
-    lut = np.zeros(1, np.float32) if lut is None else lut.float().numpy()
-    return (block.codes.numpy(), scale, zero, lut, block.lut is not None, block.bits, block.unit_tokens, block.group_size, channel, t0, t1)
+    lut = np.zeros(1, np.float32) if block.lut is None else block.lut.float().numpy()
+    kernels = _kernels(block.bits, block.lut is not None, channel)
+    return kernels, (block.codes.numpy(), scale, zero, lut, block.unit_tokens, block.group_size, t0, t1)
 
 
 def scores(seg, t0: int, t1: int, qs) -> torch.Tensor:
@@ -179,7 +224,8 @@ def scores(seg, t0: int, t1: int, qs) -> torch.Tensor:
 
     q = (qs.q_rot if seg.key_hadamard else qs.q).float().contiguous()
     out = torch.empty(q.shape[0], q.shape[1], t1 - t0, dtype=torch.float32)
-    _qk(q.numpy(), *_layout(seg.keys, t0, t1), out.numpy())
+    (qk, _), args = _layout(seg.keys, t0, t1)
+    qk(q.numpy(), *args, out.numpy())
     if seg.key_outliers is not None:
         r, t, c, v = qs.outliers(seg.key_outliers, t0, t1, torch.float32)
         if not seg.key_hadamard:  # they replace the body's clipped value: add the difference
@@ -194,7 +240,8 @@ def values(seg, t0: int, t1: int, p: torch.Tensor, qs) -> list:
 
     p = p.float().contiguous()
     parts = torch.zeros(p.shape[0], CHUNKS, p.shape[1], seg.values.dim, dtype=torch.float32)
-    _pv(p.numpy(), *_layout(seg.values, t0, t1), parts.numpy())
+    (_, pv), args = _layout(seg.values, t0, t1)
+    pv(p.numpy(), *args, parts.numpy())
     acc = parts.sum(1)
     plain = None
     if seg.value_outliers is not None:
