@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..kv.errors import ConfigError, check, one_of
+from ..kv.model_facts import facts_of, text_config
 from ..registry import register
 
 if not torch.cuda.is_available():  # HQQ compiles a CUDA extension on import unless told not to
@@ -151,11 +152,10 @@ class _HFCacheQuantizer:
             f"quantizer={self.registered_name} wraps transformers' cache, which cannot quantize a chunk's own keys "  # type: ignore[attr-defined]
             "(task.mode=full); use task.mode=stream",
         )
-        config = model.config.get_text_config(decoder=True)
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        self.check_shapes(head_dim, chunk_size)
+        for head_dim in facts_of(model).head_dims:
+            self.check_shapes(head_dim, chunk_size)
         try:
-            return cache_class()(self.backend, config, **self.cache_kwargs())
+            return cache_class()(self.backend, text_config(model.config), **self.cache_kwargs())
         except (ImportError, ValueError) as e:
             raise ConfigError(f"quantizer={self.registered_name}: {str(e).strip().splitlines()[0]}") from None  # type: ignore[attr-defined]
 
