@@ -66,6 +66,7 @@ class LayerFacts:
     rope_theta: Optional[float] = None
     rotary_fraction: float = 1.0  # share of head_dim that is rotated
     rotary_dim: int = 0  # width of the rotary module's cos/sin (the leading dims; proportional RoPE: head_dim)
+    cache_kwargs: tuple = ()  # what transformers' cache layer of this type is built with, as (name, value) pairs
 
     @property
     def has_kv(self) -> bool:
@@ -85,6 +86,7 @@ class ModelFacts:
     max_positions: Optional[int]
     wants_bos: Optional[bool]  # True: sequences must start with BOS; False: the family has none; None: as the tokenizer does
     bos_token_id: Optional[int]
+    attn_softcap: Optional[float] = None  # attention logit soft-capping (Gemma-2): only the model's own attention applies it
 
     @property
     def num_layers(self) -> int:
@@ -190,7 +192,7 @@ def read_facts(config: Any) -> ModelFacts:
         elif lt == "sliding_attention":
             kind, window = SLIDING, int(kw["sliding_window"])
         elif lt in ("linear_attention", "conv"):
-            layers.append(LayerFacts(i, lt, LINEAR))
+            layers.append(LayerFacts(i, lt, LINEAR, cache_kwargs=tuple(sorted(kw.items()))))
             continue
         elif lt == "dummy":
             # a layer that reads another layer's KV (Gemma-4 KV sharing) and keeps none of its own
@@ -220,6 +222,7 @@ def read_facts(config: Any) -> ModelFacts:
         max_positions=_get(tc, "max_position_embeddings"),
         wants_bos=wants_bos,
         bos_token_id=_get(tc, "bos_token_id"),
+        attn_softcap=_get(tc, "attn_logit_softcapping"),
     )
 
 

@@ -68,12 +68,12 @@ def _make_cache_class():
             per_layer = []
             b, h, d = self.kv_shape or (0, 0, 0)
             tokens = 0
-            for layer in self.layers:
+            for index, layer in enumerate(self.layers):
                 if not getattr(layer, "is_initialized", False):
                     continue
                 tokens = layer.get_seq_length()
                 elements = b * h * d * tokens
-                row = {}
+                row = {"layer": index, "kind": "full", "tokens": tokens, "kv_bytes": 0}
                 for kind, q, res in (("key", layer._quantized_keys, layer.keys), ("value", layer._quantized_values, layer.values)):
                     body, residual = held_bytes(q), held_bytes(res)
                     t = total[kind]
@@ -82,6 +82,7 @@ def _make_cache_class():
                     t["bytes_residual"] += residual
                     t["elements"] += elements
                     row[f"avg_{kind}_bits"] = 8 * (body + residual) / max(elements, 1)
+                    row["kv_bytes"] += body + residual
                     row[f"{kind}_outliers"] = 0
                 per_layer.append(row)
             out: dict[str, Any] = {}
@@ -100,6 +101,8 @@ def _make_cache_class():
             }
             out["tokens"] = tokens
             out["per_layer"] = per_layer
+            out["kv_bytes_by_layer_type"] = {"full": out["kv_bytes"]}  # every layer of transformers' QuantizedCache is full
+            out["state_bytes"] = 0
             return out
 
     return HFQuantizedCache
