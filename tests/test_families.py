@@ -175,3 +175,222 @@ def test_gguf_route_gives_the_family_facts(arch, tmp_path):
     _gguf_metadata_only(tmp_path / f"{arch}.gguf", arch, **extra)
     facts = read_facts(AutoConfig.from_pretrained(tmp_path, gguf_file=f"{arch}.gguf"))
     assert facts.family == arch and set(facts.kinds) == kinds and facts.max_positions == 256
+
+
+# -- the compressed cache on every family ------------------------------------------------------------
+from transformers import DynamicCache  # noqa: E402
+
+from streamkv import CompressedCache  # noqa: E402
+from streamkv.compression import CompressionConfig, build_compression  # noqa: E402
+from streamkv.kv.rope import RopeTable  # noqa: E402
+
+Q8 = {"name": "uniform", "key_bits": 8, "value_bits": 8, "key_group_size": 16, "value_group_size": 16}
+Q4 = {**Q8, "key_bits": 4, "value_bits": 4}
+GROUP = 16
+PROMPT = 50  # > WINDOW: the sliding layers drop tokens
+
+
+def feed(model, ids, cache, chunk):
+    with torch.inference_mode():
+        out = [model(input_ids=ids[:, s : s + chunk], cache=cache, use_cache=True).logits for s in range(0, ids.shape[1], chunk)]
+    return torch.cat(out, 1)
+
+
+def prompt(n=PROMPT, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 128, (1, n), generator=g)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_uncompressed_logits_equal_dynamic_cache(family, one_thread):
+    """quantizer=none: identical logits to transformers' own cache for the same config, with chunks
+    smaller and larger than the sliding window."""
+    model = tiny_family_model(family)
+    ids = prompt()
+    for chunk in (5, 20):
+        cache = CompressedCache.for_model(model, build_compression())
+        ours = feed(model, ids, cache, chunk)
+        assert torch.equal(ours, feed(model, ids, DynamicCache(config=model.config), chunk)), chunk
+        for layer in cache.layers:  # uncompressed, a sliding layer keeps what transformers' keeps: window - 1
+            if getattr(layer, "is_sliding", False):
+                assert layer.held_tokens == WINDOW - 1
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_8_bit_greedy_generation_equals_uncompressed(family, one_thread):
+    model = tiny_family_model(family)
+    ids = prompt(40)
+    with torch.inference_mode():
+        ref = model.generate(ids, max_new_tokens=10, do_sample=False)
+        cache = CompressedCache.for_model(model, build_compression(Q8, "fixed", "ema_relative"), chunk_size=GROUP)
+        ours = model.generate(ids, max_new_tokens=10, do_sample=False, cache=cache, prefill_chunk_size=GROUP)
+    assert torch.equal(ours, ref)
+    assert cache.stats()["tokens"] == 49  # the last generated token is never fed back
+
+
+SLIDING_FAMILIES = [f for f in FAMILIES if any(layer.kind == SLIDING for layer in read_facts(tiny_family_config(f)).layers)]
+
+
+@pytest.mark.parametrize("family", SLIDING_FAMILIES)
+def test_sliding_layers_hold_the_window_and_one_group(family, one_thread):
+    """At 4 bits, a sliding layer frees every group that falls wholly out of the window: through
+    prefill and decoding it never holds more than window + one group of tokens, and says so in bytes."""
+    model = tiny_family_model(family)
+    cache = CompressedCache.for_model(model, build_compression(Q4, "fixed", "ema_relative"), chunk_size=GROUP)
+    sliding = [layer for layer in cache.layers if getattr(layer, "is_sliding", False)]
+    ids = prompt(80)
+    feed(model, ids[:, :48], cache, GROUP)
+    for t in range(48, 80):  # decoding, one token at a time
+        feed(model, ids[:, t : t + 1], cache, 1)
+        assert all(layer.held_tokens <= WINDOW + GROUP for layer in sliding)
+    stats = cache.stats()
+    rows = stats["per_layer"]
+    slide = [r for r in rows if r["kind"] == SLIDING]
+    full = [r for r in rows if r["kind"] == FULL]
+    assert slide and all(r["tokens"] <= WINDOW + GROUP for r in slide)
+    assert all(r["tokens"] == 80 for r in full)
+    assert stats["kv_bytes_by_layer_type"][SLIDING] == sum(r["kv_bytes"] for r in slide)
+    assert stats["kv_bytes"] == sum(t.nbytes for t in cache.tensors()) == sum(stats["kv_bytes_by_layer_type"].values())
+    per_token = [r["kv_bytes"] / r["tokens"] for r in rows]
+    assert max(per_token) < 1.5 * min(per_token)  # a sliding layer's bytes are those of the tokens it holds
+    # the mask lines up: later chunks still match the uncompressed model closely
+    ref = feed(model, ids, DynamicCache(config=model.config), GROUP)
+    again = CompressedCache.for_model(model, build_compression(Q8, "fixed", "ema_relative"), chunk_size=GROUP)
+    torch.testing.assert_close(feed(model, ids, again, GROUP), ref, atol=0.05, rtol=0)
+
+
+def _model_rotation(model, rot, layer, x, start):
+    """``x`` (1, heads, tokens, dim) rotated by the model's own ``apply_rotary_pos_emb`` at ``start``."""
+    import inspect
+    import sys
+
+    apply = sys.modules[type(model).__module__].apply_rotary_pos_emb
+    pos = torch.arange(start, start + x.shape[-2])[None]
+    cos, sin = rot(x, pos, *((layer.rope_key,) if takes_layer_type(rot) else ()))
+    params = list(inspect.signature(apply).parameters)
+    if params[:2] == ["q", "k"]:
+        return apply(x, x, cos, sin, unsqueeze_dim=1)[1]
+    return apply(x, cos, sin, unsqueeze_dim=1)  # Gemma-4: one tensor at a time
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_rope_undo_redo_round_trips_per_layer_type(family):
+    """Each rotary layer type's table rotates exactly as the model does (local vs global base, partial
+    and proportional rotary, llama3 scaling) and undoes it; NoPE layers have no table."""
+    model = tiny_family_model(family)
+    rot = rotary_module(model)
+    facts = facts_of(model)
+    comp = build_compression({**Q8, "pre_rope": True})
+    cache = CompressedCache.for_model(model, comp, chunk_size=GROUP)
+    torch.manual_seed(0)
+    seen = set()
+    for lf in facts.kv_layers:
+        layer = cache.layers[lf.index]
+        if not lf.rope:
+            assert layer.rope is None
+            continue
+        assert isinstance(layer.rope, RopeTable) and layer.rope.layer_type == lf.rope_key
+        if lf.rope_key in seen:
+            continue
+        seen.add(lf.rope_key)
+        x = torch.randn(1, lf.kv_heads, 24, lf.head_dim)
+        want = _model_rotation(model, rot, lf, x, 37)
+        torch.testing.assert_close(layer.rope.rotate(x, 37), want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(layer.rope.unrotate(want, 37), x, atol=1e-5, rtol=1e-5)
+        y = x.clone()
+        torch.testing.assert_close(layer.rope.rotate_(y, 37), want, atol=1e-5, rtol=1e-5)
+        assert layer.rope.width == lf.rotary_dim
+    tables = {id(cache.layers[lf.index].rope) for lf in facts.kv_layers if lf.rope}
+    assert len(tables) == len({lf.rope_key for lf in facts.kv_layers if lf.rope})  # one table per layer type
+
+
+def test_linear_attention_layers_are_transformers_own():
+    from transformers.cache_utils import LinearAttentionLayer
+
+    model = tiny_family_model("qwen3_5_text")
+    cache = CompressedCache.for_model(model, build_compression(Q8), chunk_size=GROUP)
+    ref = DynamicCache(config=model.config)
+    assert [type(a) for a in cache.layers[:3]] == [type(b) for b in ref.layers[:3]] == [LinearAttentionLayer] * 3
+    feed(model, prompt(20), cache, GROUP)
+    stats = cache.stats()
+    assert stats["state_bytes"] > 0 and [r["layer"] for r in stats["per_layer"]] == [3]
+
+
+def test_gemma4_shared_kv_layers_hold_nothing():
+    from transformers.cache_utils import DummyLayer
+
+    model = tiny_family_model("gemma4_text")
+    cache = CompressedCache.for_model(model, build_compression(Q8), chunk_size=GROUP)
+    assert [type(layer) for layer in cache.layers[4:]] == [DummyLayer, DummyLayer]
+
+
+def test_group_sizes_are_checked_against_every_head_dim():
+    """Gemma-4: head_dim 16 on sliding layers, 32 on global ones; one configuration must fit both."""
+    model = tiny_family_model("gemma4_text")
+    CompressedCache.for_model(model, build_compression(Q8), chunk_size=GROUP)
+    with pytest.raises(ConfigError, match="value_group_size=32 does not divide head_dim=16"):
+        CompressedCache.for_model(model, build_compression({**Q8, "value_group_size": 32}), chunk_size=GROUP)
+
+
+def test_dynamic_rope_refuses_pre_rope_storage_only():
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = tiny_family_config("llama", rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0})
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with pytest.raises(ConfigError) as e:
+        CompressedCache.for_model(model, build_compression({**Q8, "pre_rope": True}), chunk_size=GROUP)
+    assert "'dynamic' RoPE" in _one_line(e) and "pre_rope=false" in str(e.value)
+    CompressedCache.for_model(model, build_compression({**Q8, "pre_rope": False}), chunk_size=GROUP)
+
+
+def test_soft_capped_attention_stays_with_the_model():
+    """Gemma-2's logit soft-capping lives in its own attention: auto reads dense, fused is refused."""
+    from streamkv.kv.attention import FusedBackend
+
+    model = tiny_family_model("gemma2")
+    assert CompressedCache.for_model(model, build_compression(Q8), chunk_size=GROUP).backend.name == "dense"
+    comp = build_compression(Q8)
+    comp.attention = FusedBackend()
+    with pytest.raises(ConfigError, match="soft-capping"):
+        CompressedCache.for_model(model, comp, chunk_size=GROUP)
+
+
+def test_seed_api_for_any_family(tmp_path, one_thread):
+    """``streamkv.compress`` and ``CompressedModelForCausalLM.from_pretrained`` on a non-Llama family."""
+    import streamkv
+
+    config = CompressionConfig(chunk_size=GROUP, key_bits_normal=8, value_bits_normal=8,
+                               quantizer_options={"key_group_size": GROUP, "value_group_size": GROUP})
+    model = tiny_family_model("gemma3_text")
+    ids = prompt(40)
+    with torch.inference_mode():
+        ref = model.generate(ids, max_new_tokens=6, do_sample=False)
+        wrapped = streamkv.compress(model, config)
+        assert torch.equal(wrapped.generate(ids, max_new_tokens=6, do_sample=False), ref)
+    stats = wrapped.get_compression_stats()
+    assert stats["kv_bytes"] > 0 and set(stats["kv_bytes_by_layer_type"]) == {SLIDING, FULL}
+    assert wrapped.config is model.config and wrapped(input_ids=ids[:, :4]).logits.shape == (1, 4, 128)
+    model.save_pretrained(tmp_path / "g3")
+    loaded = streamkv.CompressedModelForCausalLM.from_pretrained(tmp_path / "g3", compression_config=config)
+    with torch.inference_mode():
+        assert torch.equal(loaded.generate(ids, max_new_tokens=6, do_sample=False), ref)
+
+
+def test_evicted_tokens_leave_their_outliers_behind():
+    from streamkv.kv.sparse import SparseOutliers
+
+    torch.manual_seed(0)
+    sparse = SparseOutliers(8, rows=2, dim=4)
+    blocks = [torch.randn(2, 16, 4) for _ in range(3)]
+    masks = [torch.rand(2, 16, 4) < 0.1 for _ in range(3)]
+    for x, m in zip(blocks, masks):
+        sparse.append(x, m)
+    dense = torch.zeros(2, 48, 4)
+    sparse.scatter_into(dense)
+    sparse.drop_tokens(16)
+    assert sparse.tokens == 32 and sparse.count == int(masks[1].sum() + masks[2].sum())
+    after = torch.zeros(2, 32, 4)
+    sparse.scatter_into(after)
+    assert torch.equal(after, dense[:, 16:])
+    assert sparse.chunk_counts.tolist() == [int(masks[1].sum()), int(masks[2].sum())]
