@@ -132,7 +132,10 @@ class CompressedModelForCausalLM:
         from transformers import AutoConfig, AutoModelForCausalLM
 
         path = _resolve(pretrained_model_name_or_path, kwargs)
-        config = kwargs.pop("config", None) or AutoConfig.from_pretrained(path, **{k: kwargs[k] for k in ("gguf_file", "revision", "trust_remote_code") if k in kwargs})
-        read_facts(config)
+        config = kwargs.pop("config", None)
+        if config is None:
+            where = {k: kwargs[k] for k in ("gguf_file", "revision", "trust_remote_code", "cache_dir") if k in kwargs}
+            config = AutoConfig.from_pretrained(path, **where)
+        read_facts(config)  # an unsupported family fails here, before any weights load
         model = AutoModelForCausalLM.from_pretrained(path, *args, config=config, **kwargs)
         return compress(model.eval(), compression_config)

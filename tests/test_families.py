@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import DynamicCache
 
 from conftest import TINY_FAMILIES, WINDOW, tiny_family_config, tiny_family_model
-from streamkv import ConfigError
+from streamkv import CompressedCache, ConfigError
+from streamkv.compression import CompressionConfig, build_compression
 from streamkv.kv.model_facts import (
     FULL,
     LINEAR,
@@ -22,6 +24,7 @@ from streamkv.kv.model_facts import (
     rotary_module,
     takes_layer_type,
 )
+from streamkv.kv.rope import RopeTable
 
 FAMILIES = list(TINY_FAMILIES)
 S, F = SLIDING, FULL
@@ -178,11 +181,6 @@ def test_gguf_route_gives_the_family_facts(arch, tmp_path):
 
 
 # -- the compressed cache on every family ------------------------------------------------------------
-from transformers import DynamicCache  # noqa: E402
-
-from streamkv import CompressedCache  # noqa: E402
-from streamkv.compression import CompressionConfig, build_compression  # noqa: E402
-from streamkv.kv.rope import RopeTable  # noqa: E402
 
 Q8 = {"name": "uniform", "key_bits": 8, "value_bits": 8, "key_group_size": 16, "value_group_size": 16}
 Q4 = {**Q8, "key_bits": 4, "value_bits": 4}

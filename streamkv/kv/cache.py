@@ -24,7 +24,8 @@ from .attention import AutoBackend, DenseBackend, interface, resolve
 from .compression import Compression
 from .errors import ConfigError, check
 from .layer import CompressedLayer
-from .model_facts import FULL, LINEAR, SHARED, SLIDING, SUPPORTED_FAMILIES, ModelFacts, facts_of, rotary_module
+from .model_facts import FULL, LINEAR, SLIDING, ModelFacts, facts_of, rotary_module
+from .model_facts import SUPPORTED_FAMILIES  # noqa: F401 - where it used to live
 from .rope import RopeTable
 
 
