@@ -17,6 +17,9 @@ _LAB = {
     "register": ("registry", "register"),
     "registry": ("registry", None),
     "CompressedLlamaForCausalLM": ("modeling", "CompressedLlamaForCausalLM"),
+    "CompressedModelForCausalLM": ("modeling", "CompressedModelForCausalLM"),
+    "CompressedModel": ("modeling", "CompressedModel"),
+    "compress": ("modeling", "compress"),
 }
 
 

@@ -45,6 +45,7 @@ from .context import new_cache
 from .kv.compression import Compression
 from .context import RunContext
 from .kv.errors import ConfigError, check
+from .kv.model_facts import max_positions
 from .results import git_revision, versions, write_json_atomic
 from .streaming import prefill
 from .tasks.perplexity import Perplexity
@@ -347,9 +348,9 @@ def run_bench(cfg: BenchConfig | DictConfig, run_dir: str | os.PathLike, command
     text = data.load()
     model, tokenizer = model_spec.load()
     device = next(model.parameters()).device
-    limit = getattr(model.config, "max_position_embeddings", None)
+    limit = max_positions(model)
     n_prompt = cfg.prefill_tokens or limit
-    check(n_prompt is not None, "prefill_tokens must be set: the model has no max_position_embeddings")
+    check(n_prompt is not None, "prefill_tokens must be set: the model does not say its maximum positions")
     check(limit is None or n_prompt <= limit, f"prefill_tokens={n_prompt} exceeds the model's {limit} positions")
     speed_wanted = any(m in cfg.measure for m in ("prefill", "decode")) and any(j.speed for j in jobs)
     ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])

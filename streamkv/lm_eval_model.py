@@ -27,6 +27,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm.auto import tqdm
 
 from .context import RunContext
+from .kv.model_facts import max_positions
 from .streaming import token_logprobs
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ class StreamingCacheLM(TemplateLM):
         self.ctx = ctx
         self.model = ctx.model
         self.tokenizer = ctx.tokenizer
-        self._max_length = max_length or getattr(ctx.model.config, "max_position_embeddings", None) or 2048
+        self._max_length = max_length or max_positions(ctx.model) or 2048
         self._forkable = True  # whether a prefilled cache can be deep-copied (see _prefilled)
         self._warned_sampling = False
 

@@ -1,56 +1,141 @@
-"""The seed's Python API: ``CompressedLlamaForCausalLM``.
+"""The seed's Python API: ``CompressedLlamaForCausalLM``, and the same for every supported family.
 
-A plain ``LlamaForCausalLM`` (no model code is patched) whose ``generate`` streams the prompt in
-``chunk_size`` chunks into a :class:`~streamkv.kv.cache.CompressedCache` and decodes through it, and
-whose ``get_compression_stats`` reports what that cache really holds.
+``CompressedLlamaForCausalLM`` is a plain ``LlamaForCausalLM`` (no model code is patched) whose
+``generate`` streams the prompt in ``chunk_size`` chunks into a
+:class:`~streamkv.kv.cache.CompressedCache` and decodes through it, and whose
+``get_compression_stats`` reports what that cache really holds.
+
+For any other supported family (see :data:`streamkv.kv.model_facts.SUPPORTED_FAMILIES`),
+:func:`compress` puts the same two methods around a loaded model, and
+:meth:`CompressedModelForCausalLM.from_pretrained` loads one (its family is checked from the config
+before any weights load).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch
 from transformers import LlamaForCausalLM
 
-from .kv.cache import CompressedCache
 from .compression import CompressionConfig
+from .kv.cache import CompressedCache
 from .kv.errors import ConfigError
+from .kv.model_facts import read_facts
 from .models import embedded
 
 
-class CompressedLlamaForCausalLM(LlamaForCausalLM):
+def _resolve(name_or_path, kwargs: dict):
+    """The embedded model's short name (``"smollm2-135m"``) and the seed's ``torch_dtype=`` spelling."""
+    if str(name_or_path) in embedded.SHORT_NAMES:
+        name_or_path = embedded.converted_dir()
+    if "torch_dtype" in kwargs:
+        kwargs.setdefault("dtype", kwargs.pop("torch_dtype"))
+    return name_or_path
+
+
+class _Streams:
+    """``generate`` through a fresh compressed cache with chunked prefill, and the stats of the last one.
+
+    Needs ``_model`` (the transformers model) and ``compression_config``.
+    """
+
     compression_config: CompressionConfig
+    _last_cache: Any
 
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, compression_config: CompressionConfig | None = None, **kwargs):
-        """Like ``LlamaForCausalLM.from_pretrained``; also takes the embedded model's short name
-        (``"smollm2-135m"``) and the seed's ``torch_dtype=`` spelling."""
-        if str(pretrained_model_name_or_path) in embedded.SHORT_NAMES:
-            pretrained_model_name_or_path = embedded.converted_dir()
-        if "torch_dtype" in kwargs:
-            kwargs.setdefault("dtype", kwargs.pop("torch_dtype"))
-        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-        model.set_compression(compression_config or CompressionConfig())
-        return model
-
-    def set_compression(self, config: CompressionConfig) -> None:
-        self.compression_config = config
-        self.compression = config.to_compression()
-        self._last_cache: CompressedCache | None = None
+    def _attach(self, config: CompressionConfig | None) -> None:
+        self.compression_config = config or CompressionConfig()
+        self.compression = self.compression_config.to_compression()
+        self._last_cache = None
         self.new_cache()  # validates the combination against this model now, not at generate time
 
     def new_cache(self) -> CompressedCache:
-        return CompressedCache.for_model(self, self.compression, self.compression_config.chunk_size)
+        return CompressedCache.for_model(self._model, self.compression, self.compression_config.chunk_size)
 
-    def generate(self, *args, **kwargs):
-        """``generate`` with a fresh compressed cache and chunked prefill, unless the caller passes a cache."""
+    def _generate_kwargs(self, kwargs: dict) -> dict:
         if kwargs.get("cache") is None and kwargs.get("past_key_values") is None:
             kwargs["cache"] = self.new_cache()
         kwargs.setdefault("prefill_chunk_size", self.compression_config.chunk_size)
         self._last_cache = kwargs.get("cache") or kwargs.get("past_key_values")
-        return super().generate(*args, **kwargs)
+        return kwargs
 
     def get_compression_stats(self) -> dict[str, Any]:
         """Stats of the cache used by the last ``generate`` (see :meth:`CompressedCache.stats`)."""
         if self._last_cache is None:
             raise ConfigError("no generation has run yet: call generate() before get_compression_stats()")
         return self._last_cache.stats()
+
+
+class CompressedLlamaForCausalLM(_Streams, LlamaForCausalLM):
+    @property
+    def _model(self):
+        return self
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, compression_config: CompressionConfig | None = None, **kwargs):
+        """Like ``LlamaForCausalLM.from_pretrained``; also takes the embedded model's short name
+        (``"smollm2-135m"``) and the seed's ``torch_dtype=`` spelling."""
+        pretrained_model_name_or_path = _resolve(pretrained_model_name_or_path, kwargs)
+        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        model.set_compression(compression_config or CompressionConfig())
+        return model
+
+    def set_compression(self, config: CompressionConfig) -> None:
+        self._attach(config)
+
+    def generate(self, *args, **kwargs):
+        """``generate`` with a fresh compressed cache and chunked prefill, unless the caller passes a cache."""
+        return super().generate(*args, **self._generate_kwargs(kwargs))
+
+
+class CompressedModel(_Streams):
+    """A loaded causal LM of any supported family with the seed's compressed ``generate`` and
+    ``get_compression_stats``; everything else (forward, ``config``, ``device``, ...) is the model's own.
+    Build it with :func:`compress` or :meth:`CompressedModelForCausalLM.from_pretrained`."""
+
+    def __init__(self, model: torch.nn.Module, config: CompressionConfig | None = None):
+        self.model = model
+        self._attach(config)
+
+    @property
+    def _model(self):
+        return self.model
+
+    def generate(self, *args, **kwargs):
+        """The model's ``generate`` with a fresh compressed cache and chunked prefill, unless the caller passes a cache."""
+        return self.model.generate(*args, **self._generate_kwargs(kwargs))
+
+    def set_compression(self, config: CompressionConfig) -> None:
+        self._attach(config)
+
+    def __call__(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        if name == "model":  # not yet set (during unpickling)
+            raise AttributeError(name)
+        return getattr(self.model, name)
+
+
+def compress(model: torch.nn.Module, config: CompressionConfig | None = None) -> CompressedModel:
+    """``model`` (a loaded causal LM of a supported family) generating through a compressed cache."""
+    return CompressedModel(model, config)
+
+
+class CompressedModelForCausalLM:
+    """The family-neutral ``CompressedLlamaForCausalLM``: ``from_pretrained`` loads any supported family."""
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, compression_config: CompressionConfig | None = None, **kwargs) -> CompressedModel:
+        """Like ``AutoModelForCausalLM.from_pretrained`` (also the embedded model's short name and
+        ``torch_dtype=``); an unsupported family fails on its config, before any weights load."""
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        path = _resolve(pretrained_model_name_or_path, kwargs)
+        config = kwargs.pop("config", None)
+        if config is None:
+            where = {k: kwargs[k] for k in ("gguf_file", "revision", "trust_remote_code", "cache_dir") if k in kwargs}
+            config = AutoConfig.from_pretrained(path, **where)
+        read_facts(config)  # an unsupported family fails here, before any weights load
+        model = AutoModelForCausalLM.from_pretrained(path, *args, config=config, **kwargs)
+        return compress(model.eval(), compression_config)

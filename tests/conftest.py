@@ -88,3 +88,52 @@ def wikitext_path():
     if not WIKITEXT.is_file():
         pytest.skip(f"{WIKITEXT} is absent (CI lays ../shared beside the checkout)")
     return WIKITEXT
+
+
+# -- tiny random models of every supported family (built offline from configs) ----------------------
+_TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=256, pad_token_id=None, bos_token_id=1, eos_token_id=2)
+WINDOW = 12  # the tiny sliding window: shorter than the prompts, not a multiple of the 16-token groups
+_SW = ["sliding_attention", "full_attention"]
+TINY_FAMILIES = {
+    # Llama-3.x scaled RoPE
+    "llama": dict(rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+    "mistral": dict(sliding_window=WINDOW),
+    "qwen2": dict(bos_token_id=None),
+    "qwen3": dict(head_dim=16, bos_token_id=None),
+    # 3 linear-attention layers, then a full-attention layer with partial rotary (0.25 of head_dim 32)
+    "qwen3_5_text": dict(head_dim=32, linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2,
+                         linear_num_value_heads=4, bos_token_id=None),
+    "gemma2": dict(head_dim=16, sliding_window=WINDOW),
+    "gemma3_text": dict(head_dim=16, sliding_window=WINDOW, layer_types=_SW * 2),
+    # sliding head_dim 16 / global head_dim 32 with 1 KV head and keys as values, proportional RoPE on the global
+    # layers, and the last two layers reading the KV of earlier ones
+    "gemma4_text": dict(num_hidden_layers=6, head_dim=16, global_head_dim=32, num_global_key_value_heads=1,
+                        attention_k_eq_v=True, num_kv_shared_layers=2, sliding_window=WINDOW, layer_types=_SW * 3,
+                        hidden_size_per_layer_input=8, vocab_size_per_layer_input=128),
+    "olmo2": {},
+    "olmo3": dict(sliding_window=WINDOW),
+    "phi3": dict(sliding_window=WINDOW),
+    "smollm3": dict(no_rope_layer_interval=2),  # layers 1 and 3 have no RoPE
+}
+
+
+def tiny_family_config(family: str, **overrides):
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(family, **{**_TINY, **TINY_FAMILIES[family], **overrides})
+
+
+_TINY_MODELS: dict = {}
+
+
+def tiny_family_model(family: str):
+    """A tiny random model of ``family`` in eval mode (cached per session)."""
+    if family not in _TINY_MODELS:
+        from transformers import AutoModelForCausalLM
+
+        torch.manual_seed(0)
+        config = tiny_family_config(family)
+        _TINY_MODELS[family] = AutoModelForCausalLM.from_config(config).eval()
+    return _TINY_MODELS[family]

@@ -4,6 +4,12 @@ Build it with :meth:`CompressedCache.for_model`, pass it as ``cache=`` to the mo
 ``generate``) and feed the prompt in chunks; each layer compresses its keys and values as they
 arrive (:mod:`streamkv.kv.layer`), and the chosen attention backend reads them
 (:mod:`streamkv.kv.attention`). :meth:`CompressedCache.stats` reports what is really stored.
+
+Layers are built from the model facts (:mod:`streamkv.kv.model_facts`), as ``DynamicCache`` builds
+them from ``config.layer_types``: full-attention and sliding-window layers are compressed layers
+(each with its own RoPE table for pre-RoPE keys, none for a NoPE layer), linear-attention layers are
+transformers' own ``LinearAttentionLayer`` (their recurrent state kept exactly as transformers keeps
+it), and layers that reuse another layer's KV (Gemma-4) are transformers' ``DummyLayer``.
 """
 
 from __future__ import annotations
@@ -12,15 +18,15 @@ from collections import defaultdict
 from typing import Any
 
 import torch
-from transformers.cache_utils import Cache
+from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, Cache
 
-from .attention import DenseBackend, interface, resolve
+from .attention import AutoBackend, DenseBackend, interface, resolve
 from .compression import Compression
 from .errors import ConfigError, check
 from .layer import CompressedLayer
+from .model_facts import FULL, LINEAR, SLIDING, ModelFacts, facts_of, rotary_module
+from .model_facts import SUPPORTED_FAMILIES  # noqa: F401 - where it used to live
 from .rope import RopeTable
-
-SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2")
 
 
 class CompressedCache(Cache):
@@ -33,48 +39,82 @@ class CompressedCache(Cache):
     def __init__(
         self,
         compression: Compression,
-        num_layers: int,
+        num_layers: int | None = None,
         rope: RopeTable | None = None,
         quantize_own_chunk: bool = False,
         backend: Any = None,
+        facts: ModelFacts | None = None,
+        ropes: dict[int, RopeTable] | None = None,
     ):
-        if compression.enabled and compression.quantizer.pre_rope and rope is None:
-            raise ConfigError("quantizer.pre_rope=true needs the model's rotary embedding; build with CompressedCache.for_model")
+        """``facts`` lay the layers out (``ropes``: each rotary layer's table for pre-RoPE keys);
+        without them, ``num_layers`` full-attention layers share ``rope``."""
+        pre_rope = compression.enabled and compression.quantizer.pre_rope
         self.compression = compression
         self.backend = backend  # None: layers return dense K/V (for a model that attends with plain SDPA)
-        layers = [CompressedLayer(compression, i, rope, backend, quantize_own_chunk) for i in range(num_layers)]
+        self.facts = facts
+        if facts is None:
+            if pre_rope and rope is None:
+                raise ConfigError("quantizer.pre_rope=true needs the model's rotary embedding; build with CompressedCache.for_model")
+            layers = [CompressedLayer(compression, i, rope, backend, quantize_own_chunk) for i in range(num_layers or 0)]
+        else:
+            ropes = ropes or {}
+            check(not pre_rope or all(lf.index in ropes for lf in facts.kv_layers if lf.rope),
+                  "quantizer.pre_rope=true needs each rotary layer's RoPE table; build with CompressedCache.for_model")
+            layers = [self._layer(lf, compression, ropes.get(lf.index), backend, quantize_own_chunk) for lf in facts.layers]
         super().__init__(layers=layers)
+
+    @staticmethod
+    def _layer(lf, compression, rope, backend, quantize_own_chunk):
+        if lf.kind in (FULL, SLIDING):
+            return CompressedLayer(compression, lf.index, rope, backend, quantize_own_chunk, window=lf.window)
+        # no KV of its own: transformers' layer, holding what transformers holds (a recurrent state, or nothing)
+        return DYNAMIC_LAYER_TYPE_MAPPING[lf.layer_type if lf.kind == LINEAR else "dummy"](**dict(lf.cache_kwargs))
 
     @classmethod
     def for_model(
         cls, model: torch.nn.Module, compression: Compression, chunk_size: int | None = None, quantize_own_chunk: bool = False
     ) -> "CompressedCache":
-        config = model.config.get_text_config(decoder=True)
-        family = getattr(config, "model_type", "?")
-        check(
-            not compression.enabled or family in SUPPORTED_FAMILIES,
-            f"model family {family!r} is not supported by the compressed cache; supported: {list(SUPPORTED_FAMILIES)}",
-        )
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        compression.check_shapes(head_dim, chunk_size)
-        rope = None
+        facts = facts_of(model)  # an unsupported family or feature fails here, in one line
+        compression.check_shapes(facts.head_dims, chunk_size)
+        ropes: dict[int, RopeTable] = {}
         if compression.enabled and compression.quantizer.pre_rope:
-            rope = RopeTable(model.get_decoder().rotary_emb)
+            dynamic = next((lf for lf in facts.kv_layers if lf.rope and not lf.static_rope), None)
+            check(
+                dynamic is None,
+                f"quantizer.pre_rope=true cannot undo {facts.family}'s {getattr(dynamic, 'rope_type', '')!r} RoPE "
+                f"(layer {getattr(dynamic, 'index', '')}: its frequencies change with the sequence length); use quantizer.pre_rope=false",
+            )
+            rot = rotary_module(model)
+            by_key: dict[Any, RopeTable] = {}
+            for lf in facts.kv_layers:
+                if lf.rope:  # a NoPE layer stores its keys as they are
+                    ropes[lf.index] = by_key.setdefault(lf.rope_key, RopeTable(rot, lf.rope_key))
         device = next(model.parameters()).device
         backend = resolve(compression.attention, device) if compression.enabled else DenseBackend()
+        if not backend.materializes and facts.attn_softcap:
+            check(
+                isinstance(compression.attention, AutoBackend),
+                f"attention={backend.name} cannot apply {facts.family}'s attention logit soft-capping "
+                f"({facts.attn_softcap}); use attention=dense",
+            )
+            backend = DenseBackend()  # auto: the model's own attention on the dense history
         backend.check(compression, device)
         if not backend.materializes:
             interface.use_on(model)
-        return cls(compression, config.num_hidden_layers, rope, quantize_own_chunk, backend)
+        return cls(compression, quantize_own_chunk=quantize_own_chunk, backend=backend, facts=facts, ropes=ropes)
 
     def stats(self) -> dict[str, Any]:
         """Compression statistics counted from the tensors the cache holds.
 
         ``avg_*_bits`` = stored bits per element (codes, scales, zeros, sinks, outliers with their
-        indices, and the full-precision residual); ratios are against fp16; ``kv_bytes`` is the sum
-        of ``nbytes`` of every tensor held.
+        indices, and the full-precision residual) of the tokens held; ratios are against fp16;
+        ``kv_bytes`` is the sum of ``nbytes`` of every tensor held, ``kv_bytes_by_layer_type`` splits
+        it into full-attention and sliding-window layers (a sliding layer holds its window and the
+        group it is in); ``state_bytes`` are linear-attention layers' recurrent and conv states
+        (transformers' own tensors, not compressed, not in ``kv_bytes``).
         """
-        layers = [layer.stats() for layer in self.layers if layer.is_initialized]
+        held = self._compressed_layers()
+        layers = [layer.stats() for layer in held]
         total: dict[str, dict[str, float]] = {k: defaultdict(float) for k in ("key", "value")}
         for ls in layers:
             for kind in ("key", "value"):
@@ -96,22 +136,39 @@ class CompressedCache(Cache):
         out["bytes_by_part"] = {
             kind: {k[6:]: int(v) for k, v in total[kind].items() if k.startswith("bytes_")} for kind in ("key", "value")
         }
-        out["tokens"] = self.layers[0].seen if layers else 0
+        out["tokens"] = max((layer.seen for layer in held), default=0)
         out["per_layer"] = [
-            {"avg_key_bits": 8 * ls["key"]["bytes"] / max(ls["key"]["elements"], 1),
+            {"layer": layer.index, "kind": SLIDING if layer.is_sliding else FULL, "tokens": layer.held_tokens,
+             "kv_bytes": ls["key"]["bytes"] + ls["value"]["bytes"],
+             "avg_key_bits": 8 * ls["key"]["bytes"] / max(ls["key"]["elements"], 1),
              "avg_value_bits": 8 * ls["value"]["bytes"] / max(ls["value"]["elements"], 1),
              "key_outliers": ls["key"]["outliers"], "value_outliers": ls["value"]["outliers"]}
-            for ls in layers
+            for layer, ls in zip(held, layers)
         ]
+        by_type: dict[str, int] = defaultdict(int)
+        for row in out["per_layer"]:
+            by_type[row["kind"]] += row["kv_bytes"]
+        out["kv_bytes_by_layer_type"] = dict(by_type)
+        out["state_bytes"] = sum(t.nbytes for t in self._state_tensors())
+        return out
+
+    def _compressed_layers(self) -> list[CompressedLayer]:
+        return [layer for layer in self.layers if isinstance(layer, CompressedLayer) and layer.is_initialized]
+
+    def _state_tensors(self) -> list[torch.Tensor]:
+        """Linear-attention layers' conv and recurrent states."""
+        out = []
+        for layer in self.layers:
+            for states in (getattr(layer, "conv_states", None), getattr(layer, "recurrent_states", None)):
+                out.extend(t for t in (states or {}).values() if isinstance(t, torch.Tensor))
         return out
 
     def tensors(self) -> list[torch.Tensor]:
-        """Every tensor the cache holds (what ``kv_bytes`` sums)."""
+        """Every tensor the cache holds for keys and values (what ``kv_bytes`` sums)."""
         out = []
-        for layer in self.layers:
-            if layer.is_initialized:
-                for s in (layer.k, layer.v):
-                    for ts in s.parts().values():
-                        out.extend(ts)
+        for layer in self._compressed_layers():
+            for s in (layer.k, layer.v):
+                for ts in s.parts().values():
+                    out.extend(ts)
         return out
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Iterable
 
 from .attention.backend import AttentionBackend, AutoBackend
 from .contracts import OutlierDetector, Quantizer, SinkPolicy
@@ -25,7 +26,9 @@ class Compression:
     def enabled(self) -> bool:
         return self.quantizer.enabled
 
-    def check_shapes(self, head_dim: int, chunk_size: int | None = None) -> None:
-        """Fail with a one-line error if the components cannot work on this model or chunk size."""
+    def check_shapes(self, head_dim: int | Iterable[int], chunk_size: int | None = None) -> None:
+        """Fail with a one-line error if the components cannot work on this model or chunk size:
+        ``head_dim`` is every head_dim the model's layers have (Gemma-4's global layers have their own)."""
         if self.enabled:
-            self.quantizer.check_shapes(head_dim, chunk_size)
+            for d in (head_dim,) if isinstance(head_dim, int) else dict.fromkeys(head_dim):
+                self.quantizer.check_shapes(d, chunk_size)

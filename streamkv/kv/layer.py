@@ -14,11 +14,18 @@ Each layer keeps, per tensor kind (keys, values), in sequence order:
 exposes the history as a :class:`~streamkv.kv.segments.LayerView` (the read contract), then
 compresses the new tokens; only the compressed form is kept. A backend that ``materializes`` gets
 the dense history followed by the new tokens, as transformers' own layers return it.
+
+A sliding-window layer (``window``) keeps only what a later query can still attend to: compressed
+groups that fall wholly out of the window are freed with their sinks and outliers (uncompressed, the
+residual keeps the last ``window - 1`` tokens, as transformers' ``DynamicSlidingWindowLayer`` does).
+Positions stay absolute: segments start where their tokens are, and ``get_mask_sizes`` reports the
+held tokens and the first one's position, so transformers' sliding mask lines up with them.
 """
 
 from __future__ import annotations
 
 from copy import copy
+from dataclasses import fields, replace
 from typing import Any
 
 import torch
@@ -27,6 +34,7 @@ from transformers.cache_utils import CacheLayerMixin
 from .compression import Compression
 from .quantization import Raw, encode
 from .rope import RopeTable
+from .rotation import Rotated
 from .segments import KVSegment, LayerView, attach
 from .sparse import SparseOutliers
 
@@ -63,14 +71,17 @@ class CompressedLayer(CacheLayerMixin):
     is_croppable = False
 
     def __init__(self, compression: Compression, index: int = 0, rope: RopeTable | None = None, backend: Any = None,
-                 quantize_own_chunk: bool = False):
+                 quantize_own_chunk: bool = False, window: int | None = None):
         super().__init__()
         self.c = compression
         self.index = index
         self.rope = rope if compression.enabled and compression.quantizer.pre_rope else None
         self.backend = backend
         self.quantize_own_chunk = quantize_own_chunk
+        self.window = window  # a sliding-window layer: a query at p sees keys at p - window + 1 .. p
+        self.is_sliding = window is not None
         self.seen = 0  # tokens received; also the next token's position
+        self.start = 0  # position of the first token held (a sliding layer frees what no query can see)
 
     # -- transformers' layer protocol -------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -94,13 +105,17 @@ class CompressedLayer(CacheLayerMixin):
         v = value_states.reshape(self.rows, t, d)
         if self.quantize_own_chunk:  # simulated protocol: the chunk also sees its own compressed K/V
             self._append(k, v)
-            return self.view(k[:, :0], v[:, :0]).dense()
+            out = self.view(k[:, :0], v[:, :0]).dense()
+            self._evict()
+            return out
         view = self.view(k, v)
         if self.backend is None or self.backend.materializes:
             out = view.dense()
             self._append(k, v)
+            self._evict()
             return out
-        self._append(k, v)  # the view holds the history as it was: appending replaces, never mutates, its tensors
+        self._append(k, v)  # the view holds the history as it was: appending and evicting replace, never mutate, its tensors
+        self._evict()
         return attach(key_states, view), value_states
 
     def view(self, k: torch.Tensor, v: torch.Tensor) -> LayerView:
@@ -108,26 +123,33 @@ class CompressedLayer(CacheLayerMixin):
         segments = []
         if self.k.body is not None:
             n_sinks = 0 if self.k.sinks is None else self.k.sinks.tokens
-            segments.append(KVSegment.of(0, self.k.body, self.v.body, skip=n_sinks, key_rope=self.rope,
+            segments.append(KVSegment.of(self.start, self.k.body, self.v.body, skip=n_sinks, key_rope=self.rope,
                                          key_outliers=copy(self.k.outliers), value_outliers=copy(self.v.outliers)))
         if self.k.sinks is not None:
-            segments.append(KVSegment.of(0, self.k.sinks, self.v.sinks, key_rope=self.rope))
+            segments.append(KVSegment.of(self.start, self.k.sinks, self.v.sinks, key_rope=self.rope))
         if self.k.residual.shape[1]:
-            segments.append(KVSegment(self.body_tokens, Raw(self.k.residual), Raw(self.v.residual)))
-        return LayerView(segments, k, v, self.batch, self.heads, backend=self.backend)
+            segments.append(KVSegment(self.start + self.body_tokens, Raw(self.k.residual), Raw(self.v.residual)))
+        return LayerView(segments, k, v, self.batch, self.heads, backend=self.backend, mask_offset=self.start)
 
     def get_seq_length(self) -> int:
         return self.seen
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.seen + query_length, 0
+        """(kv_length, kv_offset): the held tokens and this forward's, from the first held position."""
+        return self.seen - self.start + query_length, self.start
 
     def get_max_length(self) -> int:
-        return -1
+        return -1 if self.window is None else self.window
+
+    @property
+    def held_tokens(self) -> int:
+        """Tokens the layer holds (all it has seen, or a sliding layer's window and the group it is in)."""
+        return self.seen - self.start
 
     def reset(self) -> None:
         self.is_initialized = False
         self.seen = 0
+        self.start = 0
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         raise NotImplementedError("the compressed cache does not support beam search")
@@ -150,7 +172,7 @@ class CompressedLayer(CacheLayerMixin):
         pending = self.k.residual.shape[1] - q.residual_length
         n = (pending // q.token_block) * q.token_block if pending > 0 else 0
         if n:
-            start = self.body_tokens
+            start = self.start + self.body_tokens  # the block's first position
             kb, vb = self.k.residual[:, :n], self.v.residual[:, :n]
             self.k.residual, self.v.residual = self.k.residual[:, n:], self.v.residual[:, n:]
             if self.rope is not None:
@@ -158,6 +180,29 @@ class CompressedLayer(CacheLayerMixin):
             n_sink = min(max(self.c.sink.size - start, 0), n)
             self._compress(self.k, kb, q.encode_keys, n_sink, self.c.sink.key_bits)
             self._compress(self.v, vb, q.encode_values, n_sink, self.c.sink.value_bits)
+
+    def _evict(self) -> None:
+        """A sliding layer frees the groups (with their sinks and outliers) that no later query can see."""
+        if self.window is None:
+            return
+        first = self.seen - self.window + 1  # the earliest position the next query attends to
+        if not self.c.enabled:  # everything is residual: keep the last window - 1 tokens, like transformers
+            n = first - self.start
+            if n > 0:
+                self.k.residual, self.v.residual = self.k.residual[:, n:].clone(), self.v.residual[:, n:].clone()
+                self.start += n
+            return
+        block = self.c.quantizer.token_block
+        n = min((first - self.start) // block * block, self.body_tokens)  # whole groups only
+        if n <= 0:
+            return
+        for s in (self.k, self.v):
+            s.body = _drop_front(s.body, n) if n < s.body.tokens else None
+            if s.sinks is not None:
+                s.sinks = _drop_front(s.sinks, n) if n < s.sinks.tokens else None
+            if s.outliers is not None:
+                s.outliers.drop_tokens(n)
+        self.start += n
 
     def _compress(self, s: _Stream, x: torch.Tensor, encoder, n_sink: int, sink_bits: int) -> None:
         """Compress a block of whole groups whose first ``n_sink`` tokens are attention sinks.
@@ -190,7 +235,16 @@ class CompressedLayer(CacheLayerMixin):
             out[kind] = {
                 "bytes": sum(by_cat.values()),
                 "bytes_by_part": by_cat,
-                "elements": self.rows * self.seen * self.dim,
+                "elements": self.rows * self.held_tokens * self.dim,
                 "outliers": 0 if s.outliers is None else s.outliers.count,
             }
         return out
+
+
+def _drop_front(block: Any, n: int) -> Any:
+    """``block`` without its first ``n`` tokens, in tensors of its own (the freed ones really go)."""
+    if isinstance(block, Rotated):
+        return Rotated(_drop_front(block.inner, n))
+    part = block.slice_tokens(n, block.tokens)
+    tensors = {f.name: getattr(part, f.name).clone() for f in fields(part) if isinstance(getattr(part, f.name), torch.Tensor)}
+    return replace(part, **tensors)

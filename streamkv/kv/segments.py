@@ -84,12 +84,20 @@ class LayerView:
 
     @property
     def history(self) -> int:
+        """The position after the last history token (that of this forward's first own token)."""
         return max((s.start + s.tokens for s in self.segments), default=0)
 
+    @property
+    def first(self) -> int:
+        """The position of the first history token (above 0 where a sliding window freed older ones)."""
+        return min((s.start for s in self.segments), default=0)
+
     def dense(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The dense history followed by the own tokens, as ``(batch, heads, tokens, dim)`` keys and values."""
+        """The dense history (from :attr:`first`) followed by the own tokens, as ``(batch, heads, tokens, dim)``
+        keys and values."""
         rows, t, d = self.keys.shape
-        n = self.history
+        first = self.first
+        n = self.history - first
         out = []
         for kind, own in (("keys", self.keys), ("values", self.values)):
             if not self.segments:
@@ -97,7 +105,7 @@ class LayerView:
                 continue
             buf = torch.empty(rows, n + t, d, dtype=own.dtype, device=own.device)
             for seg in self.segments:
-                seg.read(kind, own.dtype, buf[:, seg.start : seg.start + seg.tokens])
+                seg.read(kind, own.dtype, buf[:, seg.start - first : seg.start - first + seg.tokens])
             buf[:, n:].copy_(own)
             out.append(buf.view(self.batch, self.heads, n + t, d))
         return out[0], out[1]

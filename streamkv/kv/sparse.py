@@ -68,6 +68,26 @@ class SparseOutliers:
         per = self.scales.to(dtype).repeat_interleave(self.chunk_counts.long(), output_size=self.count)
         return self.values.to(dtype) * per
 
+    def drop_tokens(self, n: int) -> None:
+        """Forget the first ``n`` tokens (a sliding window moved past them): their outliers go, the
+        rest keep their values and count tokens from the new first one."""
+        if n <= 0:
+            return
+        n = min(n, self.tokens)
+        cut = n * self.rows * self.dim
+        idx = self.offsets()
+        keep = idx >= cut
+        offset = idx[keep] - cut
+        buckets, counts = torch.unique_consecutive(offset >> _LOW_BITS, return_counts=True)
+        if self.bits == 8:  # per appended chunk: how many of its outliers stay; chunks left empty go
+            chunk = torch.repeat_interleave(torch.arange(self.chunk_counts.numel(), device=idx.device), self.chunk_counts.long())
+            left = torch.bincount(chunk[keep], minlength=self.chunk_counts.numel())
+            self.scales, self.chunk_counts = self.scales[left > 0].clone(), left[left > 0].to(torch.int32)
+        self.values = self.values[keep]
+        self.low = (offset & ((1 << _LOW_BITS) - 1)).to(torch.int16)
+        self.buckets, self.bucket_counts = buckets.to(torch.int32), counts.to(torch.int32)
+        self.tokens -= n
+
     def coordinates(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(row, token, channel) of every outlier, tokens counted from the first appended."""
         idx = self.offsets()

@@ -9,6 +9,7 @@ from typing import Optional
 import torch
 
 from ..kv.errors import ConfigError, one_of
+from ..kv.model_facts import read_facts, set_max_positions
 from ..registry import register
 from . import embedded
 
@@ -27,7 +28,7 @@ class CausalLM:
     device_map: Optional[str] = None  # e.g. "auto" to shard a large model over GPUs
     attn_implementation: str = "sdpa"
     cache_dir: Optional[str] = None  # where the embedded model is converted to (default ~/.cache/streamkv)
-    max_positions: Optional[int] = None  # override the config's max_position_embeddings
+    max_positions: Optional[int] = None  # override the model's maximum positions
 
     def __post_init__(self) -> None:
         one_of("model.dtype", self.dtype, DTYPES)
@@ -64,7 +65,14 @@ class CausalLM:
             config = AutoConfig.from_pretrained(where, **extra)
         except Exception as e:  # noqa: BLE001 - any failure here means "not a model we can read"
             raise ConfigError(f"model.path={self.path or where} is not a loadable model: {_first_line(e)}") from None
-        kwargs = dict(extra, dtype=DTYPES[self.dtype], attn_implementation=self.attn_implementation)
+        model_class = _causal_lm_class(config)
+        if model_class is None:
+            raise ConfigError(f"model.path={self.path or where} is not a causal language model (model_type={config.model_type!r})")
+        read_facts(config)  # an unsupported family or feature fails here, before any weights load
+        attn = self.attn_implementation
+        if attn == "sdpa" and not getattr(model_class, "_supports_sdpa", True):
+            attn = "eager"  # e.g. Gemma-2 (attention logit soft-capping)
+        kwargs = dict(extra, dtype=DTYPES[self.dtype], attn_implementation=attn)
         if self.device_map:
             kwargs["device_map"] = self.device_map
         try:
@@ -82,9 +90,19 @@ class CausalLM:
         if not self.device_map:
             model.to(self.resolved_device())
         if self.max_positions:
-            model.config.max_position_embeddings = self.max_positions
+            set_max_positions(model, self.max_positions)
         model.eval()
         return model, tokenizer
+
+
+def _causal_lm_class(config):
+    """The class ``AutoModelForCausalLM`` would build for ``config`` (None: not a causal LM)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM._model_mapping[type(config)]
+    except (KeyError, ValueError):
+        return None
 
 
 def _first_line(e: Exception) -> str:

@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..kv.errors import ConfigError, check, one_of
+from ..kv.model_facts import facts_of, text_config
 from ..registry import register
 
 if not torch.cuda.is_available():  # HQQ compiles a CUDA extension on import unless told not to
@@ -67,12 +68,12 @@ def _make_cache_class():
             per_layer = []
             b, h, d = self.kv_shape or (0, 0, 0)
             tokens = 0
-            for layer in self.layers:
+            for index, layer in enumerate(self.layers):
                 if not getattr(layer, "is_initialized", False):
                     continue
                 tokens = layer.get_seq_length()
                 elements = b * h * d * tokens
-                row = {}
+                row = {"layer": index, "kind": "full", "tokens": tokens, "kv_bytes": 0}
                 for kind, q, res in (("key", layer._quantized_keys, layer.keys), ("value", layer._quantized_values, layer.values)):
                     body, residual = held_bytes(q), held_bytes(res)
                     t = total[kind]
@@ -81,6 +82,7 @@ def _make_cache_class():
                     t["bytes_residual"] += residual
                     t["elements"] += elements
                     row[f"avg_{kind}_bits"] = 8 * (body + residual) / max(elements, 1)
+                    row["kv_bytes"] += body + residual
                     row[f"{kind}_outliers"] = 0
                 per_layer.append(row)
             out: dict[str, Any] = {}
@@ -99,6 +101,8 @@ def _make_cache_class():
             }
             out["tokens"] = tokens
             out["per_layer"] = per_layer
+            out["kv_bytes_by_layer_type"] = {"full": out["kv_bytes"]}  # every layer of transformers' QuantizedCache is full
+            out["state_bytes"] = 0
             return out
 
     return HFQuantizedCache
@@ -151,11 +155,10 @@ class _HFCacheQuantizer:
             f"quantizer={self.registered_name} wraps transformers' cache, which cannot quantize a chunk's own keys "  # type: ignore[attr-defined]
             "(task.mode=full); use task.mode=stream",
         )
-        config = model.config.get_text_config(decoder=True)
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        self.check_shapes(head_dim, chunk_size)
+        for head_dim in facts_of(model).head_dims:
+            self.check_shapes(head_dim, chunk_size)
         try:
-            return cache_class()(self.backend, config, **self.cache_kwargs())
+            return cache_class()(self.backend, text_config(model.config), **self.cache_kwargs())
         except (ImportError, ValueError) as e:
             raise ConfigError(f"quantizer={self.registered_name}: {str(e).strip().splitlines()[0]}") from None  # type: ignore[attr-defined]
 

@@ -20,6 +20,7 @@ from typing import List, Optional
 
 from ..context import RunContext
 from ..kv.errors import ConfigError, check, one_of
+from ..kv.model_facts import max_positions
 from ..registry import register
 
 TASKS_DIR = Path(__file__).resolve().parent.parent / "lm_eval_tasks"
@@ -73,7 +74,7 @@ class LmEval:
 
         os.environ.setdefault("DISABLE_MULTIPROC", "1")  # lm-eval's bootstrap stderr would fork a pool per metric
         logging.getLogger("lm_eval").setLevel(logging.WARNING)
-        positions = getattr(ctx.model.config, "max_position_embeddings", None)
+        positions = max_positions(ctx.model)
         max_length = self.max_length or positions or 2048
         check(positions is None or max_length <= positions, f"task.max_length={max_length} exceeds the model's {positions} positions")
         if "streamkv_passkey" in self.names:

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from ..context import RunContext
 from ..kv.errors import check, one_of
+from ..kv.model_facts import max_positions
 from ..registry import register
 from ..streaming import token_logprobs, windows
 
@@ -44,7 +45,7 @@ class Perplexity:
             len(ids) >= self.window,
             f"the text has {len(ids)} tokens, shorter than one window (task.window={self.window})",
         )
-        limit = getattr(ctx.model.config, "max_position_embeddings", None)
+        limit = max_positions(ctx.model)
         check(limit is None or self.window <= limit, f"task.window={self.window} exceeds the model's {limit} positions")
         chunk = ctx.chunk_size if self.mode == "stream" else self.window
         wins = list(windows(ids, self.window, self.max_windows))
