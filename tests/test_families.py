@@ -256,7 +256,7 @@ def test_sliding_layers_hold_the_window_and_one_group(family, one_thread):
     ref = feed(model, ids, DynamicCache(config=model.config), GROUP)
     comp = build_compression(Q8, "fixed", "ema_relative")
     ours = feed(model, ids, CompressedCache.for_model(model, comp, chunk_size=GROUP), GROUP)
-    torch.testing.assert_close(ours, ref, atol=0.05, rtol=0)
+    torch.testing.assert_close(ours, ref, atol=0.08, rtol=0)
     from streamkv.kv.attention import DenseBackend
 
     comp.attention = DenseBackend()

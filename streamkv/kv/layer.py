@@ -217,13 +217,15 @@ class CompressedLayer(CacheLayerMixin):
             s.sinks = sinks if s.sinks is None else s.sinks.append(sinks)
             exclude = torch.zeros_like(x, dtype=torch.bool)
             exclude[:, :n_sink] = True
+        mask = None
         if s.outliers is not None:
             mask = torch.zeros_like(x, dtype=torch.bool)
             if n_sink < x.shape[1]:
                 mask[:, n_sink:] = self.c.outlier.detect(x[:, n_sink:], s.detector_state)
-            s.outliers.append(x, mask)
             exclude = mask if exclude is None else exclude | mask
         enc = encoder(x, exclude, layer=self.index)
+        if mask is not None:  # an outlier stores what it adds to its group's reading, so every reader adds
+            s.outliers.append(x - enc.dequantize(x.dtype), mask)
         s.body = enc if s.body is None else s.body.append(enc)
 
     # -- accounting -------------------------------------------------------------------------------

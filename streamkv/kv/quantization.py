@@ -87,27 +87,6 @@ class Quantized:
         a, b = start // u, -(-stop // u)
         return replace(self, codes=self.codes[:, a:b], scale=self.scale[:, a:b], zero=self.zero[:, a:b])
 
-    def values_at(self, rows: torch.Tensor, tokens: torch.Tensor, channels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """The dequantized values at the given (row, token, channel) coordinates, read code by code
-        (what a fused reader needs to correct for the few values that sparse outliers replace)."""
-        u = self.unit_tokens
-        unit = tokens // u
-        within = (tokens % u) * self.dim + channels
-        if self.bits == 3:
-            base = (within // 8) * 3
-            b = [self.codes[rows, unit, base + i].long() for i in range(3)]
-            code = ((b[0] | (b[1] << 8) | (b[2] << 16)) >> (3 * (within % 8))) & 7
-        else:
-            bit = within * self.bits
-            code = (self.codes[rows, unit, bit // 8].long() >> (bit % 8)) & ((1 << self.bits) - 1)
-        if self.axis == "channel":
-            scale, zero = self.scale[rows, unit, 0, channels], self.zero[rows, unit, 0, channels]
-        else:
-            g = channels // self.group_size
-            scale, zero = self.scale[rows, tokens, g, 0], self.zero[rows, tokens, g, 0]
-        level = code.to(dtype) if self.lut is None else self.lut.to(dtype)[code]
-        return level * scale.to(dtype) + zero.to(dtype)
-
     def dequantize(self, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
         """The values as ``(rows, tokens, dim)`` of ``dtype``; written into ``out`` (that shape, e.g. a
         slice of a larger buffer) when given, to save the copy."""

@@ -6,9 +6,9 @@ the domain it was stored in with the transforms a reader must apply, followed by
 keys and values at full precision. A backend may materialise it (:meth:`LayerView.dense`, the
 reference) or attend on it segment by segment without ever building the dense history.
 
-Outliers: where keys or values are Hadamard-rotated, the values that went to sparse storage were
-zeroed before the rotation, so the sparse values *add* to the un-rotated body; otherwise they
-*replace* the body's (clipped) values at their positions.
+Outliers: a sparse value is the correction its position needs on top of the body's reading (the
+value minus the dequantized group value, computed once when the block is compressed), so every
+reader simply adds them, in the un-rotated, pre-RoPE domain.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ class KVSegment:
         if rotated:
             out.copy_(out @ hadamard(out.shape[-1]).to(out.device, dtype).T)
         if sparse is not None:
-            sparse.scatter_into(out, add=rotated)
+            sparse.scatter_into(out)
         if kind == "keys" and self.key_rope is not None:
             self.key_rope.rotate_(out, self.start)
 

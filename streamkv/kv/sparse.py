@@ -1,5 +1,8 @@
 """Sparse outlier storage: the values that normal groups leave out, with their positions.
 
+The cache stores, per outlier, the correction its position needs on top of its group's reading, so a
+reader adds them (:meth:`SparseOutliers.scatter_into`).
+
 Outliers are stored as (position, value) pairs so that the dense groups are quantized without them
 (KVQuant's dense-and-sparse split). A position is an offset in token-major order
 (``token * rows * dim + row * dim + channel``), so a later chunk's outliers append without rewriting
@@ -94,15 +97,8 @@ class SparseOutliers:
         rd = self.rows * self.dim
         return (idx % rd) // self.dim, idx // rd, idx % self.dim
 
-    def scatter_into(self, dense: torch.Tensor, add: bool = False) -> torch.Tensor:
-        """Write (or with ``add``, add) the outliers into ``dense`` (rows, tokens >= self.tokens, dim) in
-        place and return it."""
-        if self.count == 0:
-            return dense
-        where = self.coordinates()
-        vals = self.decoded_values(dense.dtype)
-        if add:
-            dense.index_put_(where, vals, accumulate=True)
-        else:
-            dense[where] = vals
+    def scatter_into(self, dense: torch.Tensor) -> torch.Tensor:
+        """Add the outliers into ``dense`` (rows, tokens >= self.tokens, dim) in place and return it."""
+        if self.count:
+            dense.index_put_(self.coordinates(), self.decoded_values(dense.dtype), accumulate=True)
         return dense

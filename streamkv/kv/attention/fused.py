@@ -153,12 +153,12 @@ def _scores(seg: KVSegment, t0: int, t1: int, qs: _Queries) -> torch.Tensor:
         if seg.key_hadamard:
             k = k @ qs.rot.T
         if sparse is not None:
-            _put(k, qs.outliers(sparse, t0, t1, k.dtype), add=seg.key_hadamard)
+            _add(k, qs.outliers(sparse, t0, t1, k.dtype))
         seg.key_rope.rotate_(k, seg.start + t0)
         return (qs.q @ k.transpose(1, 2)).float()
     if not seg.key_hadamard:
         if sparse is not None:
-            _put(k, qs.outliers(sparse, t0, t1, k.dtype), add=False)
+            _add(k, qs.outliers(sparse, t0, t1, k.dtype))
         return (qs.q @ k.transpose(1, 2)).float()
     scores = (qs.q_rot @ k.transpose(1, 2)).float()
     if sparse is not None:
@@ -172,7 +172,7 @@ def _values(seg: KVSegment, t0: int, t1: int, p: torch.Tensor, qs: _Queries) -> 
     sparse = seg.value_outliers
     if not seg.value_hadamard:
         if sparse is not None:
-            _put(v, qs.outliers(sparse, t0, t1, v.dtype), add=False)
+            _add(v, qs.outliers(sparse, t0, t1, v.dtype))
         return [(p.to(v.dtype) @ v).float(), None]
     rotated = (p.to(v.dtype) @ v).float()
     plain = None
@@ -182,13 +182,13 @@ def _values(seg: KVSegment, t0: int, t1: int, p: torch.Tensor, qs: _Queries) -> 
     return [plain, rotated]
 
 
-def _put(dense: torch.Tensor, outliers: tuple, add: bool) -> None:
+def _add(dense: torch.Tensor, outliers: tuple) -> None:
     r, t, c, v = outliers
-    dense.index_put_((r, t, c), v.to(dense.dtype), accumulate=add)
+    dense.index_put_((r, t, c), v.to(dense.dtype), accumulate=True)
 
 
 def add_key_outliers(scores: torch.Tensor, q: torch.Tensor, outliers: tuple) -> None:
-    """``scores[r, :, t] += q[r, :, c] * value`` for each outlier (keys whose outliers add)."""
+    """``scores[r, :, t] += q[r, :, c] * value`` for each outlier."""
     r, t, c, v = outliers
     scores.transpose(1, 2).index_put_((r, t), (q[r, :, c] * v.to(q.dtype)[:, None]).float(), accumulate=True)
 

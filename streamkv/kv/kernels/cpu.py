@@ -227,10 +227,7 @@ def scores(seg, t0: int, t1: int, qs) -> torch.Tensor:
     (qk, _), args = _layout(seg.keys, t0, t1)
     qk(q.numpy(), *args, out.numpy())
     if seg.key_outliers is not None:
-        r, t, c, v = qs.outliers(seg.key_outliers, t0, t1, torch.float32)
-        if not seg.key_hadamard:  # they replace the body's clipped value: add the difference
-            v = v - seg.keys.values_at(r, t + t0, c, torch.float32)
-        add_key_outliers(out, qs.q.float(), (r, t, c, v))
+        add_key_outliers(out, qs.q.float(), qs.outliers(seg.key_outliers, t0, t1, torch.float32))
     return out
 
 
@@ -245,9 +242,6 @@ def values(seg, t0: int, t1: int, p: torch.Tensor, qs) -> list:
     acc = parts.sum(1)
     plain = None
     if seg.value_outliers is not None:
-        r, t, c, v = qs.outliers(seg.value_outliers, t0, t1, torch.float32)
-        if not seg.value_hadamard:
-            v = v - seg.values.values_at(r, t + t0, c, torch.float32)
         plain = acc if not seg.value_hadamard else torch.zeros_like(acc)
-        add_value_outliers(plain, p, (r, t, c, v))
+        add_value_outliers(plain, p, qs.outliers(seg.value_outliers, t0, t1, torch.float32))
     return [acc, None] if not seg.value_hadamard else [plain, acc]
