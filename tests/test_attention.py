@@ -1,0 +1,120 @@
+"""Attention backends against the dense reference: every storage option, both key layouts, decode and
+chunked prefill; the online-softmax merge; the engine's independence from the lab."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from streamkv import CompressedCache, ConfigError
+from streamkv.compression import build_compression
+from streamkv.kv.attention import DenseBackend, FusedBackend, TritonBackend
+from streamkv.kv.attention.online_softmax import Partial, merge_all
+
+Q = {"key_group_size": 16, "value_group_size": 16}
+QUANTIZERS = {
+    "uniform_rotated_pre_rope": {"name": "uniform", "rotate_keys": True, "rotate_values": True, **Q},
+    "uniform_rotated_post_rope": {"name": "uniform", "rotate_keys": True, "rotate_values": True, "pre_rope": False, **Q},
+    "uniform_3bit_plain": {"name": "uniform", "key_bits": 3, "value_bits": 2, "pre_rope": False, **Q},
+    "uniform_token_keys": {"name": "uniform", "key_axis": "token", "value_axis": "channel", "pre_rope": False, **Q},
+    "uniform_residual": {"name": "uniform", "residual_length": 20, "pre_rope": False, "rotate_keys": True, **Q},
+    "nonuniform": {"name": "nonuniform", "pre_rope": False, **Q},
+    "int_per_token": {"name": "int_per_token", "key_bits": 8, "value_bits": 2},
+}
+SINKS = {"none": "none", "fixed8": "fixed", "fixed16": {"name": "fixed", "size": 3, "key_bits": 16, "value_bits": 16}}
+OUTLIERS = {"none": "none", "ema": {"name": "ema_relative", "values": True}, "topk": {"name": "topk", "fraction": 0.02}}
+
+
+def run(model, comp, ids, chunk: int, decode: int):
+    """Logits of ``ids`` streamed in ``chunk``s, then ``decode`` single-token steps."""
+    cache = CompressedCache.for_model(model, comp, chunk_size=chunk)
+    n = ids.shape[1] - decode
+    out = []
+    with torch.inference_mode():
+        for s in range(0, n, chunk):
+            out.append(model(input_ids=ids[:, s : min(n, s + chunk)], cache=cache, use_cache=True).logits)
+        for s in range(n, ids.shape[1]):
+            out.append(model(input_ids=ids[:, s : s + 1], cache=cache, use_cache=True).logits)
+    return torch.cat(out, 1)
+
+
+def backends_agree(model, q, sink, outlier, ids, chunk=32, decode=6, kernel=True):
+    ref = run(model, build_compression(q, sink, outlier, DenseBackend()), ids, chunk, decode)
+    ours = run(model, build_compression(q, sink, outlier, FusedBackend(cpu_kernel=kernel)), ids, chunk, decode)
+    torch.testing.assert_close(ours, ref, atol=2e-4, rtol=0)  # float32 reassociation only
+    return ref
+
+
+@pytest.mark.parametrize("quantizer", QUANTIZERS)
+@pytest.mark.parametrize("sink", SINKS)
+@pytest.mark.parametrize("outlier", OUTLIERS)
+def test_fused_equals_dense(tiny_llama, quantizer, sink, outlier, one_thread):
+    torch.manual_seed(0)
+    ids = torch.randint(0, 96, (1, 112))
+    backends_agree(tiny_llama, QUANTIZERS[quantizer], SINKS[sink], OUTLIERS[outlier], ids)
+
+
+@pytest.mark.parametrize("kernel", [True, False], ids=["cpu_kernel", "tensor_path"])
+def test_fused_equals_dense_in_batches_mqa_and_long_prefill_blocks(tiny64, kernel, one_thread):
+    """Batch > 1, one KV head (MQA), head_dim 64, a prefill long enough to be read in several blocks."""
+    torch.manual_seed(1)
+    ids = torch.randint(0, 96, (2, 300))
+    q = {"name": "uniform", "rotate_keys": True, "rotate_values": True, "pre_rope": False, "key_group_size": 32}
+    ref = run(tiny64, build_compression(q, "fixed", "ema_relative", DenseBackend()), ids, 96, 8)
+    fused = FusedBackend(block_tokens=64, cpu_kernel=kernel)
+    ours = run(tiny64, build_compression(q, "fixed", "ema_relative", fused), ids, 96, 8)
+    torch.testing.assert_close(ours, ref, atol=2e-4, rtol=0)
+
+
+def test_fused_greedy_generation_equals_dense_at_8_bits(tiny_llama, one_thread):
+    q = {"name": "uniform", "key_bits": 8, "value_bits": 8, "rotate_keys": True, "rotate_values": True, "pre_rope": False, **Q}
+    ids = torch.randint(0, 96, (1, 64))
+    out = {}
+    for name, backend in (("dense", DenseBackend()), ("fused", FusedBackend())):
+        cache = CompressedCache.for_model(tiny_llama, build_compression(q, "fixed", "ema_relative", backend), chunk_size=32)
+        out[name] = tiny_llama.generate(ids, cache=cache, max_new_tokens=12, do_sample=False, prefill_chunk_size=32)
+    assert torch.equal(out["dense"], out["fused"])
+
+
+def test_auto_is_fused_on_cpu_and_the_model_attends_through_streamkv(tiny_llama):
+    cache = CompressedCache.for_model(tiny_llama, build_compression(QUANTIZERS["uniform_rotated_post_rope"]), chunk_size=32)
+    assert isinstance(cache.backend, FusedBackend)
+    assert tiny_llama.config._attn_implementation == "streamkv"
+    plain = CompressedCache.for_model(tiny_llama, build_compression())  # uncompressed: the exact dense path
+    assert isinstance(plain.backend, DenseBackend)
+
+
+def test_triton_without_cuda_is_refused_in_one_line(tiny_llama, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ConfigError) as e:
+        CompressedCache.for_model(tiny_llama, build_compression(QUANTIZERS["uniform_rotated_post_rope"], attention=TritonBackend()), chunk_size=32)
+    msg = str(e.value)
+    assert "\n" not in msg and "attention=triton" in msg and "fused" in msg
+
+
+def test_online_softmax_merge_equals_softmax_over_the_concatenation():
+    torch.manual_seed(0)
+    scores = torch.randn(3, 5, 40) * 4
+    scores[:, :, 30:] = float("-inf")  # a fully masked part contributes nothing
+    values = torch.randn(3, 40, 8)
+    parts = []
+    for a, b in ((0, 7), (7, 30), (30, 40)):
+        part, p = Partial.of(scores[..., a:b])
+        part.acc = [p @ values[:, a:b], None]
+        parts.append(part)
+    out, _ = merge_all(parts).output()
+    torch.testing.assert_close(out, torch.softmax(scores, -1) @ values, atol=1e-6, rtol=1e-5)
+
+
+def test_the_engine_imports_no_lab_module():
+    code = (
+        "import sys, streamkv, streamkv.kv, streamkv.kv.attention, streamkv.kv.kernels.cpu\n"
+        "from streamkv import CompressedCache\n"
+        "lab = [m for m in sys.modules if m.split('.')[0] in ('hydra', 'omegaconf', 'runners')\n"
+        "       or m.startswith(('streamkv.registry', 'streamkv.tasks', 'streamkv.bench', 'streamkv.report', 'streamkv.experiment'))]\n"
+        "assert not lab, lab\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
