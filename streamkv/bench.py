@@ -75,6 +75,7 @@ class BenchConfig:
     prefill_tokens: Optional[int] = None  # the long prompt; null = the model's max_position_embeddings
     decode_context: int = 4096  # context the decode throughput is measured at
     decode_tokens: int = 64  # tokens decoded per timed decode run
+    decode_batch: int = 1  # sequences decoded together (the same prompt, batch x)
     repeats: int = 3  # timed runs per measurement (median)
     measure: list[str] = field(default_factory=lambda: ["ppl", "prefill", "decode"])
     reference: str = "baseline"  # the method Δppl is computed against, run first when ppl is measured
@@ -213,10 +214,10 @@ def timed_prefill(model, ids: torch.Tensor, cache, chunk_size: int) -> float:
 
 
 @torch.inference_mode()
-def timed_decode(model, cache, token: int, n: int) -> float:
-    """Seconds for ``n`` greedy decode steps (one token per forward) on top of ``cache``."""
+def timed_decode(model, cache, token: int, n: int, batch: int = 1) -> float:
+    """Seconds for ``n`` greedy decode steps (one token per sequence per forward) on top of ``cache``."""
     device = next(model.parameters()).device
-    ids = torch.tensor([[token]], device=device)
+    ids = torch.full((batch, 1), token, device=device)
     _sync(device)
     t0 = time.perf_counter()
     for _ in range(n):
@@ -256,8 +257,8 @@ class SpeedReference:
         ctx = self.cfg.decode_context
         if self._decode_cache is None:
             self._decode_cache = self.new()
-            prefill(self.model, self.ids[:ctx], self._decode_cache, self.cfg.chunk_size)
-        s = timed_decode(self.model, self._decode_cache, int(self.ids[ctx]), self.cfg.decode_tokens)
+            prefill(self.model, self.ids[:ctx], self._decode_cache, self.cfg.chunk_size, self.cfg.decode_batch)
+        s = timed_decode(self.model, self._decode_cache, int(self.ids[ctx]), self.cfg.decode_tokens, self.cfg.decode_batch)
         self._decode_cache.crop(ctx - self._decode_cache.get_seq_length())  # back to the same context
         self.decode_runs.append(s)
         return s
@@ -291,16 +292,16 @@ def measure_speed(model, ids: torch.Tensor, make_cache: Callable, cfg: BenchConf
         out["prefill_ref_runs_s"] = ref.prefill_runs[-len(runs):]
     if "decode" in cfg.measure:
         cache = make_cache()
-        prefill(model, ids[:ctx], cache, cfg.chunk_size)
-        timed_decode(model, cache, int(ids[ctx]), 2)  # warm-up: first decode-shaped forwards
+        prefill(model, ids[:ctx], cache, cfg.chunk_size, cfg.decode_batch)
+        timed_decode(model, cache, int(ids[ctx]), 2, cfg.decode_batch)  # warm-up: first decode-shaped forwards
         runs, ratios = [], []
         for _ in range(cfg.repeats):
             rs = ref.decode_seconds()
-            s = timed_decode(model, cache, int(ids[ctx]), cfg.decode_tokens)
+            s = timed_decode(model, cache, int(ids[ctx]), cfg.decode_tokens, cfg.decode_batch)
             runs.append(s)
             ratios.append(rs / s)
         del cache
-        out["decode_tok_s"] = cfg.decode_tokens / statistics.median(runs)
+        out["decode_tok_s"] = cfg.decode_batch * cfg.decode_tokens / statistics.median(runs)
         out["decode_ratio"] = statistics.median(ratios)
         out["decode_runs_s"] = runs
         out["decode_ref_runs_s"] = ref.decode_runs[-len(runs):]
@@ -422,7 +423,7 @@ def run_bench(cfg: BenchConfig | DictConfig, run_dir: str | os.PathLike, command
         if ref.prefill_runs:
             reference.update(prefill_tok_s=len(prompt) / statistics.median(ref.prefill_runs), kv_bytes_prefill=ref.kv_bytes_prefill, **(ref.memory or {}))
         if ref.decode_runs:
-            reference["decode_tok_s"] = cfg.decode_tokens / statistics.median(ref.decode_runs)
+            reference["decode_tok_s"] = cfg.decode_batch * cfg.decode_tokens / statistics.median(ref.decode_runs)
 
     meta = {
         "command": command,
@@ -437,7 +438,7 @@ def run_bench(cfg: BenchConfig | DictConfig, run_dir: str | os.PathLike, command
         "load_average_end": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "protocol": {"window": cfg.window, "max_windows": cfg.max_windows, "chunk_size": cfg.chunk_size,
                      "prefill_tokens": len(prompt), "decode_context": cfg.decode_context,
-                     "decode_tokens": cfg.decode_tokens, "repeats": cfg.repeats, "measure": list(cfg.measure)},
+                     "decode_tokens": cfg.decode_tokens, "decode_batch": cfg.decode_batch, "repeats": cfg.repeats, "measure": list(cfg.measure)},
         "versions": versions(),
         "git": revision,
     }
@@ -488,7 +489,7 @@ def markdown(rows: list[dict], reference: dict | None, meta: dict, cfg: BenchCon
         f"{p['max_windows']} windows; Δppl against `{cfg.reference}`. Bits and KV MiB: the cache after one window, "
         "counted from the tensors it holds (codes, scales, zeros, sinks, outliers with indices, full-precision residual).",
         f"- speed: prefill of a {p['prefill_tokens']}-token prompt in chunks of {p['chunk_size']} (last logits only); "
-        f"decode of {p['decode_tokens']} greedy tokens at a {p['decode_context']}-token context; medians of "
+        f"decode of {p['decode_tokens']} greedy tokens x batch {p.get('decode_batch', 1)} at a {p['decode_context']}-token context; medians of "
         f"{p['repeats']} runs. ×ref = median of per-run ratios to transformers' DynamicCache run just before "
         "(higher is faster). Peak RSS: the process's peak resident memory during the first long prefill "
         "(model weights included; Δ = above the resident memory at its start).",

@@ -58,15 +58,17 @@ def token_logprobs(
 
 
 @torch.inference_mode()
-def prefill(model: torch.nn.Module, ids: torch.Tensor, cache, chunks: Sequence[int] | int) -> torch.Tensor:
-    """Feed ``ids`` (1-D) through ``cache`` in ``chunks`` like :func:`token_logprobs`, but compute only
-    the last position's logits (what a serving prefill does); returns them. For throughput measurements."""
+def prefill(model: torch.nn.Module, ids: torch.Tensor, cache, chunks: Sequence[int] | int, batch: int = 1) -> torch.Tensor:
+    """Feed ``ids`` (1-D; the same prompt ``batch`` times) through ``cache`` in ``chunks`` like
+    :func:`token_logprobs`, but compute only the last position's logits (what a serving prefill does);
+    returns those of the first sequence. For throughput measurements."""
     device = next(model.parameters()).device
     ids = ids.to(device)
     lengths = chunk_lengths(len(ids), chunks) if isinstance(chunks, int) else list(chunks)
     start, logits = 0, None
     for n in lengths:
-        logits = model(input_ids=ids[start : start + n].unsqueeze(0), cache=cache, use_cache=True, logits_to_keep=1).logits
+        chunk = ids[start : start + n].unsqueeze(0).expand(batch, -1)
+        logits = model(input_ids=chunk, cache=cache, use_cache=True, logits_to_keep=1).logits
         start += n
     return logits[0, -1]
 
