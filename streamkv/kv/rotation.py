@@ -30,8 +30,14 @@ def hadamard(dim: int) -> torch.Tensor:
     return h / dim**0.5
 
 
+@lru_cache(maxsize=None)
+def hadamard_on(dim: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """:func:`hadamard` resident on ``device`` in ``dtype``: no host-to-device copy per forward."""
+    return hadamard(dim).to(device, dtype)
+
+
 def rotate(x: torch.Tensor) -> torch.Tensor:
-    return x @ hadamard(x.shape[-1]).to(x.device, x.dtype)
+    return x @ hadamard_on(x.shape[-1], x.device, x.dtype)
 
 
 @dataclass
@@ -59,5 +65,5 @@ class Rotated:
         return Rotated(self.inner.append(other.inner))
 
     def dequantize(self, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
-        y = self.inner.dequantize(dtype) @ hadamard(self.inner.dim).to(self.inner.codes.device, dtype).T
+        y = self.inner.dequantize(dtype) @ hadamard_on(self.inner.dim, self.inner.codes.device, dtype).T
         return y if out is None else out.copy_(y)

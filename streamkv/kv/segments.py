@@ -20,7 +20,7 @@ import torch
 
 from .contracts import StoredBlock
 from .rope import RopeTable
-from .rotation import Rotated, hadamard
+from .rotation import Rotated, hadamard_on
 from .sparse import SparseOutliers
 
 _VIEW = "streamkv_view"
@@ -58,7 +58,7 @@ class KVSegment:
         )
         block.dequantize(dtype, out=out)
         if rotated:
-            out.copy_(out @ hadamard(out.shape[-1]).to(out.device, dtype).T)
+            out.copy_(out @ hadamard_on(out.shape[-1], out.device, dtype).T)
         if sparse is not None:
             sparse.scatter_into(out)
         if kind == "keys" and self.key_rope is not None:

@@ -21,7 +21,7 @@ import torch
 
 from ..kernels import cpu as cpu_kernels
 from ..quantization import Quantized
-from ..rotation import hadamard
+from ..rotation import hadamard_on
 from ..segments import KVSegment, LayerView
 from ..sparse import SparseOutliers
 from .online_softmax import Partial, merge_all
@@ -54,7 +54,7 @@ class FusedBackend:
         group = hq // view.heads
         rows, nq = b * view.heads, group * ql
         q = (query * scaling).reshape(rows, nq, d)
-        rot = hadamard(d).to(q.device, q.dtype) if any(s.key_hadamard or s.value_hadamard for s in view.segments) else None
+        rot = hadamard_on(d, q.device, q.dtype) if any(s.key_hadamard or s.value_hadamard for s in view.segments) else None
         qs = _Queries(q, None if rot is None else q @ rot, rot, mask, view, group, ql)
         parts = [self._segment(seg, qs) for seg in view.segments]
         parts.append(self._own(view, qs))
