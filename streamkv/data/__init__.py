@@ -1,1 +1,1 @@
-"""Text sources for the ``data`` config group. Every text is loaded through ``datasets``."""
+"""Text sources for the ``data`` config group: local files are read directly, the hub through ``datasets``."""

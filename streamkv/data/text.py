@@ -8,26 +8,34 @@ from typing import Optional
 
 from omegaconf import MISSING
 
-from ..kv.errors import ConfigError
+from .. import network
+from ..kv.errors import ConfigError, check
 from ..registry import register
+
+SNIFF_BYTES = 8192  # a NUL byte in the first 8 KiB marks a binary file (as git and grep decide)
 
 
 def _local_text(path: str, key: str) -> str:
-    """A local text file as one document, read through ``datasets``' text builder."""
-    import datasets
-
-    datasets.disable_progress_bars()  # a one-file load: its bars are noise
+    """A local text file as one document: UTF-8, newlines normalized to ``\n`` (as ``datasets``' text
+    builder read it, so measurements compare), read directly, so no download machinery or network."""
     p = Path(path).expanduser()
-    if not p.is_file():
-        raise ConfigError(f"{key}={path} does not exist (or is not a file)")
-    ds = datasets.load_dataset("text", data_files=str(p), sample_by="document", split="train")
-    return _joined(ds, key)
+    check(p.is_file(), f"{key}={path} does not exist (or is not a file)")
+    try:
+        with open(p, "rb") as f:
+            check(b"\0" not in f.read(SNIFF_BYTES), f"{key}={path} is a binary file, not text")
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"{key}={path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
+            "convert it first, e.g. iconv -f latin1 -t utf-8"
+        ) from None
+    except OSError as e:
+        raise ConfigError(f"{key}={path} cannot be read: {e.strerror}") from None
+    return _nonempty(text, f"{key}={path}")
 
 
-def _joined(ds, key: str) -> str:
-    text = "\n\n".join(ds["text"])
-    if not text.strip():
-        raise ConfigError(f"{key}: the text is empty")
+def _nonempty(text: str, source: str) -> str:
+    check(bool(text.strip()), f"{source}: the text is empty")
     return text
 
 
@@ -39,11 +47,9 @@ class PydocText:
     name: str = "pydoc"
 
     def load(self) -> str:
-        import datasets
         from pydoc_data.topics import topics
 
-        ds = datasets.Dataset.from_dict({"text": [topics[k] for k in sorted(topics)]})
-        return _joined(ds, "data=pydoc")
+        return _nonempty("\n\n".join(topics[k] for k in sorted(topics)), "data=pydoc")
 
 
 @register("data", "wikitext2")
@@ -65,14 +71,17 @@ class WikiText2:
             return _local_text(self.path, "data.path")
         import datasets
 
+        network.use_hub(datasets=True)
         try:
             ds = datasets.load_dataset(self.hub_name, self.hub_config, split=self.split)
         except Exception as e:  # noqa: BLE001 - offline hub failures come in many types
+            offline = network.hub_offline(datasets=True)
             raise ConfigError(
-                f"cannot load {self.hub_name}/{self.hub_config} from the hub ({type(e).__name__}); "
+                f"cannot load {self.hub_name}/{self.hub_config} from the hub "
+                f"({f'offline: {offline}' if offline else type(e).__name__}); "
                 "pass a local copy with data.path=../shared/data/wikitext-2-raw/test.txt"
             ) from None
-        return _joined(ds, "data=wikitext2")
+        return _nonempty("\n\n".join(ds["text"]), "data=wikitext2")
 
 
 @register("data", "text_file")

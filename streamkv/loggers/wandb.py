@@ -1,4 +1,8 @@
-"""Weights & Biases: one run per job, offline unless the environment says otherwise, never fatal."""
+"""Weights & Biases: one run per job, offline unless the environment says otherwise, never fatal.
+
+Online mode first checks that the W&B server answers (:func:`streamkv.network.wandb_answers`, a
+bounded probe) and logs offline when it does not; ``init_timeout`` bounds ``wandb.init`` itself.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from .. import network
 from ..registry import register
 
 log = logging.getLogger(__name__)
@@ -38,6 +43,7 @@ class WandbLogger:
     group: Optional[str] = None
     job_type: Optional[str] = None
     tags: list = field(default_factory=list)
+    init_timeout: float = 15.0  # seconds wandb.init waits for its service (W&B's default: 90)
 
     def __post_init__(self) -> None:
         self._run = None
@@ -50,13 +56,18 @@ class WandbLogger:
         return "online" if os.environ.get("WANDB_API_KEY") else "offline"
 
     def start(self, *, config: dict, run_dir: str, name: str, group: str | None, job_type: str, tags: list) -> None:
+        mode = self.resolved_mode()
+        if mode == "online" and not network.wandb_answers():
+            log.warning("W&B did not answer within %g s: logging offline (wandb sync uploads it later)", network.probe_seconds())
+            mode = "offline"
         try:
             import wandb
 
             self._run = wandb.init(
                 project=self.project,
                 entity=self.entity,
-                mode=self.resolved_mode(),
+                mode=mode,
+                settings=wandb.Settings(init_timeout=self.init_timeout),
                 dir=run_dir,
                 name=name,
                 group=self.group or group,
