@@ -7,12 +7,13 @@ knobs, kept for its Python API; it converts to ``uniform`` / ``fixed`` / ``ema_r
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from . import registry
 from .kv.compression import Compression
-from .kv.errors import check
+from .kv.errors import ConfigError, check
 
 
 def build_compression(quantizer: Any = "none", sink: Any = "none", outlier: Any = "none", attention: Any = "auto") -> Compression:
@@ -43,7 +44,12 @@ class CompressionConfig:
     quantizer_options: dict = field(default_factory=dict)  # extra UniformQuantizer fields, e.g. group sizes
 
     def __post_init__(self) -> None:
+        """Build the components now, so a bad value fails here (not after the weights load), named as the seed names it."""
         check(self.chunk_size >= 1, f"chunk_size={self.chunk_size} must be >= 1")
+        try:
+            self.to_compression()
+        except ConfigError as e:
+            raise ConfigError(_SEED_KEY.sub(lambda m: SEED_NAMES[m.group(0)], str(e), count=1)) from None
 
     def to_compression(self) -> Compression:
         quantizer = {
@@ -72,3 +78,18 @@ class CompressionConfig:
             else "none"
         )
         return build_compression(quantizer, sink, outlier)
+
+
+# the components' field names as the seed's CompressionConfig spells them (its errors name the seed's)
+SEED_NAMES = {
+    "quantizer.key_bits": "key_bits_normal",
+    "quantizer.value_bits": "value_bits_normal",
+    "sink.size": "attention_sink_size",
+    "sink.key_bits": "key_bits_sink_outlier",
+    "sink.value_bits": "value_bits_sink_outlier",
+    "outlier.key_bits": "key_bits_sink_outlier",
+    "outlier.value_bits": "value_bits_sink_outlier",
+    "outlier.threshold": "outlier_threshold_relative",
+    "outlier.ema_decay": "ema_decay",
+}
+_SEED_KEY = re.compile("|".join(re.escape(k) for k in SEED_NAMES))

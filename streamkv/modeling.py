@@ -13,22 +13,27 @@ before any weights load).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import LlamaForCausalLM
 
+from . import network
 from .compression import CompressionConfig
 from .kv.cache import CompressedCache
-from .kv.errors import ConfigError
-from .kv.model_facts import read_facts
+from .kv.errors import ConfigError, check
+from .kv.model_facts import max_positions, read_facts
 from .models import embedded
 
 
 def _resolve(name_or_path, kwargs: dict):
-    """The embedded model's short name (``"smollm2-135m"``) and the seed's ``torch_dtype=`` spelling."""
+    """The embedded model's short name (``"smollm2-135m"``) and the seed's ``torch_dtype=`` spelling;
+    a hub id goes through the bounded probe (:func:`streamkv.network.use_hub`) first."""
     if str(name_or_path) in embedded.SHORT_NAMES:
         name_or_path = embedded.converted_dir()
+    elif not Path(str(name_or_path)).expanduser().exists():
+        network.use_hub()
     if "torch_dtype" in kwargs:
         kwargs.setdefault("dtype", kwargs.pop("torch_dtype"))
     return name_or_path
@@ -52,12 +57,29 @@ class _Streams:
     def new_cache(self) -> CompressedCache:
         return CompressedCache.for_model(self._model, self.compression, self.compression_config.chunk_size)
 
-    def _generate_kwargs(self, kwargs: dict) -> dict:
+    def _generate_kwargs(self, args: tuple, kwargs: dict) -> dict:
+        """The cache and chunking for ``generate``, after refusing an empty prompt or one (plus
+        ``max_new_tokens``) beyond the model's positions: attention would fail on the first, and RoPE
+        run silently past its range on the second."""
+        self._check_prompt(args[0] if args else kwargs.get("input_ids", kwargs.get("inputs")), kwargs.get("max_new_tokens"))
         if kwargs.get("cache") is None and kwargs.get("past_key_values") is None:
             kwargs["cache"] = self.new_cache()
         kwargs.setdefault("prefill_chunk_size", self.compression_config.chunk_size)
         self._last_cache = kwargs.get("cache") or kwargs.get("past_key_values")
         return kwargs
+
+    def _check_prompt(self, ids, max_new_tokens: int | None) -> None:
+        if ids is None or not hasattr(ids, "shape"):
+            return  # inputs_embeds or something generate itself validates
+        length = ids.shape[-1] if ids.dim() else 0
+        check(ids.numel() > 0 and length > 0, f"the prompt is empty (input_ids of shape {tuple(ids.shape)}); pass at least one token")
+        positions = max_positions(self._model)
+        total = length + (max_new_tokens or 0)
+        check(
+            positions is None or total <= positions,
+            f"the prompt has {length} tokens" + (f" and max_new_tokens={max_new_tokens}" if max_new_tokens else "")
+            + f": {total} > the model's {positions} positions; shorten the prompt",
+        )
 
     def get_compression_stats(self) -> dict[str, Any]:
         """Stats of the cache used by the last ``generate`` (see :meth:`CompressedCache.stats`)."""
@@ -85,7 +107,7 @@ class CompressedLlamaForCausalLM(_Streams, LlamaForCausalLM):
 
     def generate(self, *args, **kwargs):
         """``generate`` with a fresh compressed cache and chunked prefill, unless the caller passes a cache."""
-        return super().generate(*args, **self._generate_kwargs(kwargs))
+        return super().generate(*args, **self._generate_kwargs(args, kwargs))
 
 
 class CompressedModel(_Streams):
@@ -103,7 +125,7 @@ class CompressedModel(_Streams):
 
     def generate(self, *args, **kwargs):
         """The model's ``generate`` with a fresh compressed cache and chunked prefill, unless the caller passes a cache."""
-        return self.model.generate(*args, **self._generate_kwargs(kwargs))
+        return self.model.generate(*args, **self._generate_kwargs(args, kwargs))
 
     def set_compression(self, config: CompressionConfig) -> None:
         self._attach(config)

@@ -18,6 +18,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, MissingMandatoryValue, OmegaConf
 
 from .kv.errors import ConfigError
+from .schema import unknown_key, valid_keys
 
 T = TypeVar("T")
 
@@ -78,7 +79,11 @@ def create(group: str, spec: Any) -> Any:
         return obj
     if isinstance(spec, dict):
         spec = dict(spec)
-        return get(group, spec.pop("name"))(**spec)
+        cls = get(group, spec.pop("name"))
+        unknown = [k for k in spec if k not in valid_keys(cls)]
+        if unknown:
+            raise ConfigError(unknown_key(f"{group}.{unknown[0]}", cls))
+        return cls(**spec)
     if isinstance(spec, str):
         return get(group, spec)()
     return spec

@@ -7,7 +7,9 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from safetensors import SafetensorError
 
+from .. import network
 from ..kv.errors import ConfigError, one_of
 from ..kv.model_facts import read_facts, set_max_positions
 from ..registry import register
@@ -33,6 +35,7 @@ class CausalLM:
     def __post_init__(self) -> None:
         one_of("model.dtype", self.dtype, DTYPES)
         one_of("model.device", self.device, ("cpu", "cuda", "auto"))
+        self._config = None
 
     def resolved_device(self) -> str:
         if self.device == "auto":
@@ -52,23 +55,42 @@ class CausalLM:
             if not p.is_dir():
                 raise ConfigError(f"model.path={self.path} is not a model directory or a .gguf file")
             return str(p), {}
-        return self.path, {}  # a hub id
+        network.use_hub()  # a hub id: give up in seconds if the hub does not answer
+        return self.path, {}
+
+    def config(self):
+        """The model's transformers config, read once (no weights) and checked: a causal LM of a family
+        the cache handles. What fails here fails before any weights load."""
+        if self._config is None:
+            from transformers import AutoConfig
+
+            where, extra = self.source()
+            try:
+                config = AutoConfig.from_pretrained(where, **extra)
+            except Exception as e:  # noqa: BLE001 - any failure here means "not a model we can read"
+                offline = network.hub_offline()
+                why = f" (offline: {offline})" if offline and not Path(where).exists() else ""  # a hub id
+                raise ConfigError(f"model.path={self.path or where} is not a loadable model{why}: {_first_line(e)}") from None
+            if _causal_lm_class(config) is None:
+                raise ConfigError(f"model.path={self.path or where} is not a causal language model (model_type={config.model_type!r})")
+            self._facts = read_facts(config)  # an unsupported family or feature fails here
+            self._config = config
+        return self._config
+
+    def positions(self) -> int | None:
+        """How many positions the model takes (``max_positions`` overrides its config's)."""
+        self.config()
+        return self.max_positions or self._facts.max_positions
 
     def load(self):
         """(model in eval mode, tokenizer); user mistakes become one-line :class:`ConfigError`."""
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # loading takes half a second; its bar is noise
         where, extra = self.source()
-        try:
-            config = AutoConfig.from_pretrained(where, **extra)
-        except Exception as e:  # noqa: BLE001 - any failure here means "not a model we can read"
-            raise ConfigError(f"model.path={self.path or where} is not a loadable model: {_first_line(e)}") from None
+        config = self.config()
         model_class = _causal_lm_class(config)
-        if model_class is None:
-            raise ConfigError(f"model.path={self.path or where} is not a causal language model (model_type={config.model_type!r})")
-        read_facts(config)  # an unsupported family or feature fails here, before any weights load
         attn = self.attn_implementation
         if attn == "sdpa" and not getattr(model_class, "_supports_sdpa", True):
             attn = "eager"  # e.g. Gemma-2 (attention logit soft-capping)
@@ -77,16 +99,19 @@ class CausalLM:
             kwargs["device_map"] = self.device_map
         try:
             model = AutoModelForCausalLM.from_pretrained(where, config=config, **kwargs)
-            tokenizer = AutoTokenizer.from_pretrained(where, **extra)
         except ValueError as e:
             if "Unrecognized configuration class" in str(e):
                 raise ConfigError(
                     f"model.path={self.path or where} is not a causal language model (model_type={config.model_type!r})"
                 ) from None
             raise
-        except OSError as e:
+        except (OSError, SafetensorError) as e:  # a missing or corrupt file
             hint = " (the converted cache may be corrupt: delete it to rebuild)" if not self.path else ""
             raise ConfigError(f"cannot load model from {where}{hint}: {_first_line(e)}") from None
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(where, **extra)
+        except Exception as e:  # noqa: BLE001 - missing or unreadable tokenizer files fail in many ways
+            raise ConfigError(f"model.path={self.path or where} has no usable tokenizer: {_first_line(e)}") from None
         if not self.device_map:
             model.to(self.resolved_device())
         if self.max_positions:

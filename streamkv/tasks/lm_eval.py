@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
 
+from .. import network
 from ..context import RunContext
 from ..kv.errors import ConfigError, check, one_of
 from ..kv.model_facts import max_positions
@@ -67,14 +68,9 @@ class LmEval:
         check(all(0 <= d <= 1 for d in self.passkey_depths), f"task.passkey_depths={self.passkey_depths}: each in [0, 1]")
         one_of("task.passkey_filler", self.passkey_filler, ("repeat", "text"))
 
-    def run(self, ctx: RunContext) -> dict:
-        from lm_eval import simple_evaluate
-
-        from ..lm_eval_model import StreamingCacheLM
-
-        os.environ.setdefault("DISABLE_MULTIPROC", "1")  # lm-eval's bootstrap stderr would fork a pool per metric
-        logging.getLogger("lm_eval").setLevel(logging.WARNING)
-        positions = max_positions(ctx.model)
+    def precheck(self, positions: int | None, text: str) -> int:
+        """Before the weights load: the context (``max_length``, else the model's positions) fits the
+        model and holds a passkey prompt. Returns it: the longest sequence the harness feeds."""
         max_length = self.max_length or positions or 2048
         check(positions is None or max_length <= positions, f"task.max_length={max_length} exceeds the model's {positions} positions")
         if "streamkv_passkey" in self.names:
@@ -83,6 +79,16 @@ class LmEval:
                 f"task.passkey_length={self.passkey_length} plus a {PASSKEY_ANSWER_TOKENS}-token answer exceeds "
                 f"the context of {max_length} tokens (the model's max positions or task.max_length)",
             )
+        return max_length
+
+    def run(self, ctx: RunContext) -> dict:
+        from lm_eval import simple_evaluate
+
+        from ..lm_eval_model import StreamingCacheLM
+
+        os.environ.setdefault("DISABLE_MULTIPROC", "1")  # lm-eval's bootstrap stderr would fork a pool per metric
+        logging.getLogger("lm_eval").setLevel(logging.WARNING)
+        max_length = self.precheck(max_positions(ctx.model), "")
         with tempfile.TemporaryDirectory(prefix="streamkv-lm-eval-") as docs_dir:
             manager = self._task_manager(docs_dir)  # checks the names first
             self._write_docs(ctx, Path(docs_dir))
@@ -154,15 +160,19 @@ class LmEval:
     @staticmethod
     def _load(manager, name: str) -> list:
         """The top-level object(s) ``name`` denotes: a group, a task, or a tag's tasks."""
+        if name not in LOCAL:
+            network.use_hub(datasets=True)
         try:
             loaded = manager.load(name)
         except Exception as e:  # noqa: BLE001 - stock tasks fail offline in many ways
             if name in LOCAL:
                 raise
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            offline = network.hub_offline(datasets=True)
+            why = f"offline: {offline}" if offline else "the hub is needed"
             raise ConfigError(
                 f"lm-eval task {name!r} cannot load its data set ({type(e).__name__}: {first}); stock tasks need "
-                f"the Hugging Face hub (unset HF_DATASETS_OFFLINE) - offline, use {list(LOCAL)}"
+                f"the Hugging Face hub ({why}) - offline, use {list(LOCAL)}"
             ) from None
         return [loaded["groups"][name]] if name in loaded["groups"] else list(loaded["tasks"].values())
 

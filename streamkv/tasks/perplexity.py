@@ -39,14 +39,22 @@ class Perplexity:
         check(self.max_windows is None or self.max_windows >= 1, f"task.max_windows={self.max_windows} must be >= 1")
         one_of("task.mode", self.mode, MODES)
 
+    def precheck(self, positions: int | None, text: str) -> int:
+        """Before the weights load: the window fits the model, and the text may hold one window (a token
+        is at least one UTF-8 byte, plus perhaps a leading space token). Returns the longest sequence."""
+        check(positions is None or self.window <= positions, f"task.window={self.window} exceeds the model's {positions} positions")
+        size = len(text.encode())
+        check(size + 1 >= self.window, f"the text has {size} bytes, shorter than one window (task.window={self.window} tokens)")
+        return self.window
+
     def run(self, ctx: RunContext) -> dict:
-        ids = torch.tensor(ctx.tokenizer(ctx.load_text(), add_special_tokens=False)["input_ids"])
+        text = ctx.load_text()
+        self.precheck(max_positions(ctx.model), text)
+        ids = torch.tensor(ctx.tokenizer(text, add_special_tokens=False)["input_ids"])
         check(
             len(ids) >= self.window,
             f"the text has {len(ids)} tokens, shorter than one window (task.window={self.window})",
         )
-        limit = max_positions(ctx.model)
-        check(limit is None or self.window <= limit, f"task.window={self.window} exceeds the model's {limit} positions")
         chunk = ctx.chunk_size if self.mode == "stream" else self.window
         wins = list(windows(ids, self.window, self.max_windows))
         nll, count, seconds = 0.0, 0, 0.0
