@@ -1,8 +1,11 @@
 """One job: build the components from a composed config, run the task, write results.json.
 
-Results go next to Hydra's ``.hydra/config.yaml`` in the run directory. A job whose results.json
-already holds the same resolved config is skipped (``force=true`` re-runs it); a job that fails writes
-``failed.json`` with its one-line error instead, so a sweep report can list it.
+Results go next to Hydra's ``.hydra/config.yaml`` in the run directory, which the job holds
+(:func:`streamkv.rundir.claim`) from the check below until its results are written. A directory
+whose results.json holds the same resolved config is skipped (``force=true`` re-runs it); one whose
+results.json holds another config is refused, untouched. A job that fails writes ``failed.json``
+(its one-line error, and why: see :mod:`streamkv.results`) instead, so a sweep report can list it.
+Everything that can be checked from the config and the text is checked before the weights load.
 """
 
 from __future__ import annotations
@@ -16,12 +19,11 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from . import registry
-from .context import new_cache
+from . import registry, rundir, schema
+from .context import RunContext, new_cache
 from .kv.compression import Compression
-from .context import RunContext
-from .kv.errors import ConfigError, check
-from .results import FAILED, RESULTS, git_revision, read_json, versions, write_json_atomic
+from .kv.errors import check
+from .results import FAILED, RESULTS, failure, git_revision, read_json, versions, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -40,28 +42,47 @@ def chosen(choices: dict[str, Any]) -> dict[str, str]:
 
 def run_job(cfg: DictConfig, run_dir: str | Path, choices: dict[str, Any] | None = None, group: str | None = None) -> dict:
     """Run the job described by ``cfg`` in ``run_dir``; return its results (see module docstring)."""
-    run_dir = Path(run_dir)
-    try:
-        results = _run(cfg, run_dir, dict(choices or {}), group)
-    except BaseException as e:
-        if isinstance(e, (ConfigError, Exception)):
-            line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            write_json_atomic(run_dir / FAILED, {"error": line, "type": type(e).__name__})
-        raise
-    (run_dir / FAILED).unlink(missing_ok=True)
+    registry.load_builtins()
+    with rundir.claim(run_dir) as run_dir:
+        config = OmegaConf.to_container(cfg, resolve=True)
+        previous = _previous(run_dir, config)
+        if previous is not None and not cfg.get("force", False):
+            log.info("skipping: %s already holds results for this config (force=true re-runs)", run_dir / RESULTS)
+            return {**previous, "skipped": True}
+        try:
+            results = _run(cfg, config, run_dir, dict(choices or {}), group)
+        except BaseException as e:
+            _record_failure(run_dir, e)
+            raise
+        (run_dir / FAILED).unlink(missing_ok=True)
     return results
 
 
-def _run(cfg: DictConfig, run_dir: Path, choices: dict[str, Any], group: str | None) -> dict:
-    registry.load_builtins()
-    config = OmegaConf.to_container(cfg, resolve=True)
+def _previous(run_dir: Path, config: dict) -> dict | None:
+    """The results already in ``run_dir`` for this config; another config's results are refused."""
     done = run_dir / RESULTS
-    if done.is_file() and not cfg.get("force", False):
-        previous = read_json(done)
-        if comparable(previous.get("config", {})) == comparable(config):
-            log.info("skipping: %s already holds results for this config (force=true re-runs)", done)
-            previous["skipped"] = True
-            return previous
+    if not done.is_file():
+        return None
+    previous = read_json(done)
+    check(
+        comparable(previous.get("config", {})) == comparable(config),
+        f"{run_dir} already holds {RESULTS} of another config; choose another directory "
+        "(hydra.run.dir=... / hydra.sweep.dir=...) or move that one away",
+    )
+    return previous
+
+
+def _record_failure(run_dir: Path, e: BaseException) -> None:
+    """Write failed.json for ``e``; where the failure log is kept rides on the exception for the one-line error."""
+    try:
+        write_json_atomic(run_dir / FAILED, failure(e))
+        e.failed_json = str(run_dir / FAILED)
+    except OSError:  # the directory itself is what failed: the one-line error says so
+        pass
+
+
+def _run(cfg: DictConfig, config: dict, run_dir: Path, choices: dict[str, Any], group: str | None) -> dict:
+    schema.check_keys(cfg)
     check(cfg.chunk_size >= 1, f"chunk_size={cfg.chunk_size} must be >= 1")
     parts = {g: registry.create(g, cfg[g]) for g in registry.GROUPS}
     compression = Compression(parts["quantizer"], parts["sink"], parts["outlier"], parts["attention"])
@@ -69,6 +90,7 @@ def _run(cfg: DictConfig, run_dir: Path, choices: dict[str, Any], group: str | N
     torch.manual_seed(cfg.seed)
 
     text = parts["data"].load()  # before the model: a bad file fails fast
+    _precheck(parts["task"], parts["model"].positions(), text, compression)
     model, tokenizer = parts["model"].load()
     new_cache(model, compression, cfg.chunk_size)  # fail early on an unusable combination
     ctx = RunContext(model, tokenizer, compression, cfg.chunk_size, lambda: text, progress=cfg.get("progress", True))
@@ -98,11 +120,25 @@ def _run(cfg: DictConfig, run_dir: Path, choices: dict[str, Any], group: str | N
             "git": git_revision(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-        write_json_atomic(done, results)
+        write_json_atomic(run_dir / RESULTS, results)
         logger.log(results)
     finally:
         logger.finish()
     return results
+
+
+def _precheck(task, positions: int | None, text: str, compression: Compression) -> None:
+    """The task's checks against the model's positions (from its config) and the raw text, before the
+    weights load; then the sinks must leave room in the longest sequence the task feeds."""
+    if not hasattr(task, "precheck"):
+        return
+    longest = task.precheck(positions, text)
+    sinks = getattr(compression.sink, "size", 0)
+    check(
+        sinks < longest,
+        f"sink.size={sinks} is not smaller than the longest sequence ({longest} tokens): every token would be "
+        f"stored twice, as a sink and in its group; choose sink.size < {longest}",
+    )
 
 
 def summary(results: dict, run_dir: str | Path) -> str:

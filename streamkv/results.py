@@ -1,4 +1,9 @@
-"""Run results on disk: written atomically, with the versions and revision that produced them."""
+"""Run results on disk: written atomically, with the versions and revision that produced them.
+
+``failed.json`` says why a job ended without results: ``reason`` is ``config`` (a bad input, fixable
+from its one-line ``error``), ``interrupted`` (a signal: a re-run completes the job) or ``error``
+(anything else, with its ``traceback``).
+"""
 
 from __future__ import annotations
 
@@ -6,11 +11,19 @@ import json
 import os
 import subprocess
 import tempfile
+import traceback
 from pathlib import Path
 from typing import Any
 
+from .kv.errors import ConfigError
+from .signals import Interrupted, signal_of
+
 RESULTS = "results.json"
 FAILED = "failed.json"
+
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+FILE_MODE = 0o666 & ~_UMASK  # what open() would give: mkstemp's files are 0600
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
@@ -19,6 +32,7 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f, indent=2, default=str)
             f.write("\n")
@@ -26,6 +40,18 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def failure(e: BaseException) -> dict:
+    """The content of ``failed.json`` for ``e``."""
+    if isinstance(e, KeyboardInterrupt):
+        line = str(Interrupted(signal_of(e)))
+        return {"error": f"{line}; a re-run completes this job", "type": "Interrupted", "reason": "interrupted"}
+    line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    if isinstance(e, ConfigError):
+        return {"error": line, "type": type(e).__name__, "reason": "config"}
+    tb = "".join(traceback.format_exception(e))
+    return {"error": line, "type": type(e).__name__, "reason": "error", "traceback": tb}
 
 
 def read_json(path: str | os.PathLike) -> Any:
