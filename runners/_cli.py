@@ -1,58 +1,133 @@
-"""What every runner shares: one-line errors for user mistakes.
+"""What every runner shares: every failure ends as one ``error:`` line, never a traceback.
 
 Hydra prints composition errors over several lines and task exceptions with a traceback. Its
-``run_and_report`` is wrapped so that a bad override, an unknown option or a :class:`ConfigError`
-prints one ``error: ...`` line and exits with status 2; bugs keep their traceback (and
-``HYDRA_FULL_ERROR=1`` restores Hydra's own reporting for everything).
+``run_and_report`` is wrapped so that whatever stops a run prints one ``error: ...`` line and exits:
+
+- 2: a bad input (an override, an option, a key, a value: :class:`ConfigError` and Hydra's own), or
+  an output directory that cannot be written (named by its ``hydra.run.dir`` / ``hydra.sweep.dir``);
+- 1: anything else (an OS error, a bug); its traceback is in the job's ``failed.json``;
+- 130 / 143: SIGINT / SIGTERM, raised as :class:`Interrupted` so the job marks itself interrupted.
+
+``HYDRA_FULL_ERROR=1`` restores Hydra's own reporting, tracebacks included.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
+from contextlib import contextmanager
 from pathlib import Path
+from typing import NoReturn
 
 import hydra._internal.utils as _hydra_utils
 from hydra.errors import CompactHydraException, MissingConfigException
 from omegaconf.errors import OmegaConfBaseException
 
-from streamkv import jobdir
+from streamkv import jobdir, rundir
 from streamkv.kv.errors import ConfigError
+from streamkv.schema import unknown_key, valid_keys
+from streamkv.signals import Interrupted, signal_of
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 SWEEPS_DIR = str(Path(__file__).resolve().parent.parent / "sweeps")
+USAGE = (ConfigError, CompactHydraException, OmegaConfBaseException)
 
 
 def one_line(e: BaseException) -> str:
-    """A user-facing one-line description of a configuration error."""
+    """A user-facing one-line description of whatever stopped the run."""
+    if isinstance(e, KeyboardInterrupt):
+        return f"{Interrupted(signal_of(e))}; re-run the same command to complete it (a sweep skips its finished jobs)"
     if isinstance(e, MissingConfigException) and e.options is not None and e.missing_cfg_file:
         group, _, option = e.missing_cfg_file.rpartition("/")
         return f"{group}={option} is not an option of '{group}'; choose one of {sorted(e.options)}"
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    if not isinstance(e, USAGE):
+        os_error = _os_error(e)
+        if os_error is not None:
+            return _os_line(os_error)
+        line = (str(e).strip().splitlines() or [""])[0]
+        where = getattr(e, "failed_json", None)
+        hint = f"the traceback is in {where}" if where else "HYDRA_FULL_ERROR=1 shows the traceback"
+        return f"{type(e).__name__}: {line} ({hint})"
     cause = e.__cause__
-    if cause is not None and isinstance(cause, OmegaConfBaseException):
+    if isinstance(cause, OmegaConfBaseException) and getattr(cause, "key", None) and valid_keys(cause.object_type):
+        if "not in" in str(cause):  # an unknown key of a typed node
+            return unknown_key(cause.full_key, cause.object_type)
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    if isinstance(cause, OmegaConfBaseException):
         lines += [ln.strip() for ln in str(cause).splitlines() if ln.strip()][:1]
     keep = [ln for ln in lines if not ln.startswith(("full_key:", "object_type=", "reference_type=", "To append"))]
     return " ".join(keep[:3]) or type(e).__name__
 
 
-def fail(e: BaseException) -> None:
-    """Print ``e`` as one ``error:`` line and exit with status 2."""
-    print(f"error: {one_line(e)}", file=sys.stderr)
-    sys.exit(2)
+def exit_code(e: BaseException) -> int:
+    if isinstance(e, KeyboardInterrupt):
+        return 128 + signal_of(e)
+    if isinstance(e, USAGE) or _output_dir_key(_os_error(e)):
+        return 2
+    return 1
+
+
+def fail(e: BaseException) -> NoReturn:
+    """Print ``e`` as one ``error:`` line and exit with its status (see the module docstring)."""
+    print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
+    sys.exit(exit_code(e))
+
+
+def _os_error(e: BaseException) -> OSError | None:
+    """The OSError behind ``e`` (logging wraps a log file it cannot open in a ValueError)."""
+    while e is not None and not isinstance(e, OSError):
+        e = e.__cause__ or (None if e.__suppress_context__ else e.__context__)
+    return e
+
+
+def _output_dir_key(e: OSError | None) -> str | None:
+    """``hydra.run.dir=...`` / ``hydra.sweep.dir=...`` when ``e`` is about the output directory, an
+    ancestor of it or a file in it."""
+    if e is None or e.filename is None or rundir.planned is None:
+        return None
+    key, path = rundir.planned
+    failed = os.path.abspath(os.fsdecode(e.filename))
+    return f"{key}={path}" if os.path.commonpath([path, failed]) in (path, failed) else None
+
+
+def _os_line(e: OSError) -> str:
+    what = f"{e.strerror or e}: {os.fsdecode(e.filename)}" if e.filename is not None else str(e)
+    key = _output_dir_key(e)
+    if key:
+        return f"{key} cannot be written ({what}); choose a writable directory"
+    return what
+
+
+@contextmanager
+def _interruptible():
+    """SIGINT and SIGTERM raise :class:`Interrupted` (once: a second signal during clean-up is ignored)."""
+    raised = []
+
+    def handler(signum, frame):
+        if not raised:
+            raised.append(signum)
+            raise Interrupted(signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def _run_and_report(func):
     if os.environ.get("HYDRA_FULL_ERROR") == "1":
         return _original(func)
     try:
-        return func()
-    except (ConfigError, CompactHydraException, OmegaConfBaseException) as e:
+        with _interruptible():
+            return func()
+    except (Exception, KeyboardInterrupt) as e:
         fail(e)
-    except Exception:  # a bug: keep Hydra's (trimmed) traceback
-        return _original(lambda: (_ for _ in ()).throw(sys.exc_info()[1]))
 
 
 _original = _hydra_utils.run_and_report
 _hydra_utils.run_and_report = _run_and_report
 jobdir.register_resolver()  # ${job_dir:...} in hydra.sweep.subdir (imported here, so launchers' workers have it too)
+rundir.register_resolver()  # ${run_tag:} in hydra.run.dir

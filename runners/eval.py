@@ -20,7 +20,6 @@ from omegaconf import DictConfig  # noqa: E402
 
 import streamkv.schema  # noqa: E402,F401  (registers the primary schema)
 from streamkv import registry  # noqa: E402
-from streamkv.kv.errors import ConfigError  # noqa: E402
 from streamkv.experiment import run_job, summary  # noqa: E402
 
 registry.load_builtins()
@@ -33,10 +32,10 @@ def main(cfg: DictConfig) -> dict:
     multirun = hc.mode == RunMode.MULTIRUN
     try:
         results = run_job(cfg, hc.runtime.output_dir, choices=hc.runtime.choices, group=cfg.name if multirun else None)
-    except ConfigError as e:
+    except Exception as e:
         if multirun:  # recorded in the job's failed.json; Hydra runs the other jobs and reports at the end
             raise
-        _cli.fail(e)
+        _cli.fail(e)  # one line, without Hydra's "Error executing job" before it
     print(summary(results, hc.runtime.output_dir), flush=True)
     return results
 

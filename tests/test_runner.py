@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -61,7 +62,14 @@ BAD = [
     (["task.max_windows=0"], "task.max_windows=0"),
     (["data.path=/no/such/file.txt"], "/no/such/file.txt"),
     (["EMPTY"], "empty"),
-    (["task.window=100000"], "shorter than one window"),
+    (["task.window=100000", "model.max_positions=200000"], "shorter than one window"),
+    (["task.window=5000"], "task.window=5000 exceeds the model's 1024 positions"),
+    (["sink.size=64"], "sink.size=64 is not smaller than the longest sequence (64 tokens)"),
+    (["+nonsense_key=1"], "unknown key 'nonsense_key'; valid keys at the top level: ['name', 'chunk_size'"),
+    (["quantizer.nope=1"], "unknown key 'quantizer.nope'; valid keys at quantizer (UniformQuantizer): ['key_bits'"),
+    (["BINARY"], "is a binary file"),
+    (["LATIN1"], "is not UTF-8 text (byte 0xe9 at offset 3)"),
+    (["CORRUPT"], "cannot load model from"),
     (["NOTCAUSAL"], "not a causal language model"),
     (["model.path=/tmp"], "not a loadable model"),
     (["quantizer.key_bits=5"], "key_bits=5"),
@@ -74,6 +82,17 @@ def test_bad_input_is_one_line_and_writes_nothing(overrides, needle, tiny_llama_
     if overrides == ["EMPTY"]:
         (tmp_path / "empty.txt").write_text("\n\n")
         overrides = [f"data.path={tmp_path / 'empty.txt'}"]
+        needle = f"data.path={tmp_path / 'empty.txt'}: the text is empty"
+    if overrides == ["BINARY"]:
+        (tmp_path / "x.bin").write_bytes(bytes(range(256)) * 8)
+        overrides = [f"data.path={tmp_path / 'x.bin'}"]
+    if overrides == ["LATIN1"]:
+        (tmp_path / "latin1.txt").write_bytes("café ".encode("latin-1") * 100)
+        overrides = [f"data.path={tmp_path / 'latin1.txt'}"]
+    if overrides == ["CORRUPT"]:
+        shutil.copytree(tiny_llama_dir, tmp_path / "corrupt")
+        (tmp_path / "corrupt" / "model.safetensors").write_bytes(b"\x10" * 100)
+        overrides = [f"model.path={tmp_path / 'corrupt'}"]
     if overrides == ["NOTCAUSAL"]:
         overrides = [f"model.path={_not_causal(tmp_path)}"]
     run_dir = tmp_path / "run"
