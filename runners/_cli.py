@@ -99,29 +99,46 @@ def _os_line(e: OSError) -> str:
     return what
 
 
-@contextmanager
-def _interruptible():
-    """SIGINT and SIGTERM raise :class:`Interrupted` (once: a second signal during clean-up is ignored)."""
-    raised = []
+class _Signals:
+    """SIGINT and SIGTERM raise :class:`Interrupted` while a runner works, so the job can mark itself;
+    outside that (between Hydra's steps, at exit) and on a second signal they print the one line and
+    exit at once: a traceback from an atexit hook helps no one."""
 
-    def handler(signum, frame):
-        if not raised:
-            raised.append(signum)
+    def __init__(self) -> None:
+        self.armed = False
+        self.raised = False
+
+    def install(self) -> None:
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, self.handle)
+
+    def handle(self, signum, frame) -> None:
+        if self.armed and not self.raised:
+            self.raised = True
             raise Interrupted(signum)
+        e = Interrupted(signum)
+        sys.stdout.flush()
+        print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
+        os._exit(exit_code(e))
 
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
+    @contextmanager
+    def armed_while(self):
+        self.install()
+        self.armed = True
+        try:
+            yield
+        finally:
+            self.armed = False
+
+
+_signals = _Signals()
 
 
 def _run_and_report(func):
     if os.environ.get("HYDRA_FULL_ERROR") == "1":
         return _original(func)
     try:
-        with _interruptible():
+        with _signals.armed_while():
             return func()
     except (Exception, KeyboardInterrupt) as e:
         fail(e)

@@ -44,9 +44,9 @@ def claim(run_dir: str | os.PathLike) -> Iterator[Path]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
             raise ConfigError(
-                f"{run_dir} is in use by another run (pid {holder}); wait for it to finish, "
+                f"{run_dir} is in use by another run{f' (pid {holder})' if holder else ''}; wait for it to finish, "
                 "or choose another directory (hydra.run.dir=... / hydra.sweep.dir=...)"
             ) from None
         os.ftruncate(fd, 0)
