@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import socket
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -137,3 +140,39 @@ def tiny_family_model(family: str):
         config = tiny_family_config(family)
         _TINY_MODELS[family] = AutoModelForCausalLM.from_config(config).eval()
     return _TINY_MODELS[family]
+
+
+class DeadProxy:
+    """A loopback TCP server that accepts every connection and never answers (a proxy that hangs)."""
+
+    def __init__(self, seconds: float = 900) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.sock.settimeout(0.2)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.accepted, self._conns, self._stop = 0, [], threading.Event()
+        self._deadline = time.monotonic() + seconds  # bounded even if nobody closes it
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set() and time.monotonic() < self._deadline:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            self.accepted += 1
+            self._conns.append(conn)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        for c in self._conns:
+            c.close()
+        self.sock.close()
+
+
+@pytest.fixture
+def dead_proxy():
+    proxy = DeadProxy()
+    yield proxy
+    proxy.close()
