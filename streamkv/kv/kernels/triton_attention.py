@@ -291,3 +291,9 @@ def merge_kernel(MO, LO, AO, HT, OUT, so_b, so_i, so_h, nq, ql, heads, group, n_
     hq = (r % heads) * group + g
     ptr = OUT + b * so_b + i[:, None] * so_i + hq[:, None] * so_h + offs_d[None, :]
     tl.store(ptr, res.to(OUT.dtype.element_ty), mask=am)
+
+
+if isinstance(_mm, triton.runtime.interpreter.InterpretedFunction):  # pragma: no cover - CPU tests only
+    # Under the interpreter every call of a nested jit function re-patches triton.language (~2 ms);
+    # the kernels' own call already did, so the helpers run as the plain Python they are.
+    _dequant, _mm, _softmax_step, _raw_piece = _dequant.fn, _mm.fn, _softmax_step.fn, _raw_piece.fn
