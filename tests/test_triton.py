@@ -11,23 +11,58 @@ from __future__ import annotations
 
 import copy
 from concurrent.futures import ThreadPoolExecutor
-import importlib
+import inspect
 import math
 import os
+import sys
 
 import pytest
 import torch
 
 ON_GPU = os.environ.get("TRITON_INTERPRET") == "0" and torch.cuda.is_available()
 if not ON_GPU:
-    os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels are decorated, i.e. when first imported
+    os.environ["TRITON_INTERPRET"] = "1"  # read when a jit function is decorated, i.e. when its module is imported
+    if "triton" in sys.modules and type(sys.modules["triton"].language.zeros).__name__ != "InterpretedFunction":
+        # imported without the flag by an earlier test (the engine's imports reach torch._dynamo, which imports
+        # triton): import triton's Python modules afresh (its compiled core stays loaded) and the kernels with them
+        for name in [m for m in sys.modules if m.partition(".")[0] == "triton" and not m.startswith("triton._C")]:
+            del sys.modules[name]
+        sys.modules.pop("streamkv.kv.kernels.triton_attention", None)
 pytest.importorskip("triton", reason="triton is not installed (the dev extra installs it on Linux)")
 
-from streamkv import CompressedCache, ConfigError  # noqa: E402
-from streamkv.compression import build_compression  # noqa: E402
-from streamkv.kv.attention import AutoBackend, FusedBackend, TritonBackend  # noqa: E402
+from streamkv import CompressedCache, Compression, ConfigError  # noqa: E402
+from streamkv.kv.attention import AutoBackend, DenseBackend, FusedBackend, TritonBackend  # noqa: E402
 from streamkv.kv.kernels import triton_attention  # noqa: E402
-from streamkv.streaming import token_logprobs  # noqa: E402
+
+try:
+    from streamkv.compression import build_compression  # noqa: E402
+except ImportError:  # the GPU image may lack Hydra: the same engine components, built directly
+
+    def build_compression(quantizer="none", sink="none", outlier="none", attention="auto"):
+        from streamkv.kv.outliers.ema_relative import EmaRelativeOutliers
+        from streamkv.kv.outliers.none import NoOutliers
+        from streamkv.kv.outliers.topk import TopKOutliers
+        from streamkv.kv.quantizers.none import NoQuantizer
+        from streamkv.kv.quantizers.nonuniform import NonUniformQuantizer
+        from streamkv.kv.quantizers.per_token import IntPerTokenQuantizer
+        from streamkv.kv.quantizers.uniform import UniformQuantizer
+        from streamkv.kv.sinks.fixed import FixedSinks
+        from streamkv.kv.sinks.none import NoSinks
+
+        kinds = {"none": NoQuantizer, "uniform": UniformQuantizer, "nonuniform": NonUniformQuantizer,
+                 "int_per_token": IntPerTokenQuantizer, "fixed": FixedSinks, "ema_relative": EmaRelativeOutliers,
+                 "topk": TopKOutliers, "dense": DenseBackend, "fused": FusedBackend, "triton": TritonBackend, "auto": AutoBackend}
+        none = {"sink": NoSinks, "outlier": NoOutliers}
+
+        def make(spec, group):
+            if not isinstance(spec, (str, dict)):
+                return spec
+            spec = {"name": spec} if isinstance(spec, str) else dict(spec)
+            name = spec.pop("name")
+            return (none[group] if name == "none" and group in none else kinds[name])(**spec)
+
+        return Compression(make(quantizer, "q"), make(sink, "sink"), make(outlier, "outlier"), make(attention, "a"))
+
 
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 ATOL = 1e-4
@@ -64,13 +99,14 @@ CASES = {
 def feed(model, ids, comp, chunk, steps, attention_mask=None):
     """Logits of ``ids`` (batch, n): the first ``n - steps`` tokens in chunks, then one token at a time."""
     cache = CompressedCache.for_model(model, comp, chunk_size=chunk)
+    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"  # older transformers
     n = ids.shape[1]
     bounds = [(s, min(s + chunk, n - steps)) for s in range(0, n - steps, chunk)] + [(s, s + 1) for s in range(n - steps, n)]
     out = []
     with torch.inference_mode():
         for s, e in bounds:
-            kw = {} if attention_mask is None else {"attention_mask": attention_mask[:, :e]}
-            out.append(model(input_ids=ids[:, s:e], cache=cache, use_cache=True, **kw).logits)
+            kw = {cache_kw: cache} if attention_mask is None else {cache_kw: cache, "attention_mask": attention_mask[:, :e]}
+            out.append(model(input_ids=ids[:, s:e], use_cache=True, **kw).logits)
     return torch.cat(out, 1), cache
 
 
@@ -105,8 +141,6 @@ def test_kernels_run_where_asked():
     if not ON_GPU:
         from triton.runtime.interpreter import InterpretedFunction
 
-        if not isinstance(triton_attention.attend_kernel, InterpretedFunction):  # imported before the env was set
-            importlib.reload(triton_attention)
         assert isinstance(triton_attention.attend_kernel, InterpretedFunction)
     assert TritonBackend.importable()
 
@@ -164,9 +198,9 @@ def test_perplexity_equals_dense_within_0_02_percent(tiny64):
     q = {"name": "uniform", "key_bits": 4, "value_bits": 4, "rotate_keys": True, "rotate_values": True}
     ppl = {}
     for attention in ("dense", TritonBackend()):
-        cache = CompressedCache.for_model(model, build_compression(q, "fixed", "ema_relative", attention), chunk_size=128)
-        lp, _ = shallow(token_logprobs, model, ids, cache, 128)
-        ppl[getattr(attention, "name", attention)] = math.exp(-lp.double().mean().item())
+        logits, _ = shallow(feed, model, ids[None], build_compression(q, "fixed", "ema_relative", attention), 128, 0)
+        nll = -torch.log_softmax(logits[0, :-1].double(), -1).gather(1, ids[1:, None]).mean().item()
+        ppl[getattr(attention, "name", attention)] = math.exp(nll)
     assert abs(ppl["triton"] / ppl["dense"] - 1) < 2e-4, ppl
 
 
@@ -184,6 +218,17 @@ def test_no_host_synchronisation_in_attention(model, monkeypatch):
     monkeypatch.setattr(TritonBackend, "attend", strict)
     ids = torch.randint(0, 128, (1, 40), generator=torch.Generator().manual_seed(5)).to(DEVICE)
     compare(model, CASES["int4-prerope-rotated"], ids, steps=3)
+
+
+def test_kernel_benchmark_smoke(tmp_path):
+    """``python -m runners.bench_attention --smoke``: tiny shapes, a table with the triton row timed."""
+    import runners.bench_attention  # noqa: F401  (the thin runner imports without Hydra)
+    from streamkv.bench_attention import main
+
+    result = shallow(main, ["--smoke", "--backends", "sdpa,triton", "--out", str(tmp_path), "--device", str(DEVICE)])
+    rows = {(r["batch"], r["backend"]): r for r in result["rows"]}
+    assert rows[(2, "triton")]["ms"] > 0 and rows[(2, "triton")]["bytes"] < rows[(2, "sdpa")]["bytes"]
+    assert "| 256 | 2 | triton |" in (tmp_path / "bench_attention.md").read_text()
 
 
 # -- composition ----------------------------------------------------------------------------------
