@@ -57,7 +57,7 @@ class TritonBackend:
     """
 
     block_n: int = 64
-    block_m: int = 64
+    block_m: int = 128
     decode_queries: int = 16
     splits: int = 0
 
@@ -107,7 +107,8 @@ class TritonBackend:
         dp = max(16, triton_next_pow2(d))
         bn = self.block_n
         decode = nq <= self.decode_queries
-        bm = max(16, triton_next_pow2(nq)) if decode else self.block_m
+        # float32 operands take twice the shared memory: 128-query blocks would not fit in a Hopper SM's 227 KiB
+        bm = max(16, triton_next_pow2(nq)) if decode else (self.block_m if dt != torch.float32 else min(self.block_m, 64))
         q_blocks = -(-nq // bm)
         prec = "ieee" if dt == torch.float32 else "tf32"
         dummy = _dummy(dev)
@@ -169,8 +170,8 @@ class TritonBackend:
             (body.start - off) if body is not None else 0, body.start if body is not None else 0,
             n_tiles, first, per_split, splits, n_slots,
             D=d, DP=dp, BM=bm, BN=bn, OB=16,
-            KBITS=kargs.bits, KAXIS=kargs.axis, KG=kargs.group, KLUT=kargs.lut,
-            VBITS=vargs.bits, VAXIS=vargs.axis, VG=vargs.group, VLUT=vargs.lut,
+            KBITS=kargs.bits, KAXIS=kargs.axis, KG=kargs.group, KLUT=kargs.lut, KUT=kargs.axis == 0 and kargs.group % bn == 0,
+            VBITS=vargs.bits, VAXIS=vargs.axis, VG=vargs.group, VLUT=vargs.lut, VUT=vargs.axis == 0 and vargs.group % bn == 0,
             QROT=khad and not rope, ROPE=rope, ROPE_H=rope and khad,
             HAS_KO=ko is not None, HAS_VO=vo is not None, VSEP=vsep, HAS_MASK=mask is not None, PREC=prec,
             UP=_interpreting() and dt != torch.float32,

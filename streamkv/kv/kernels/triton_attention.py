@@ -36,17 +36,28 @@ import triton.language as tl
 
 @triton.jit
 def _dequant(C, S, Z, LUT, scr, scu, ssr, ssu, r, t, c, valid,
-             D: tl.constexpr, BITS: tl.constexpr, AXIS: tl.constexpr, G: tl.constexpr, HAS_LUT: tl.constexpr):
-    """float32 (BN, DP): tokens ``t`` x channels ``c`` of row ``r``, read from the packed codes."""
-    if AXIS == 0:  # per channel: a unit is G tokens, one scale per channel and unit
-        u = t // G
-        within = (t - u * G)[:, None] * D + c[None, :]
-        sidx = u[:, None] * ssu + c[None, :]
-    else:  # per token: a unit is one token, one scale per G channels
-        u = t
-        within = tl.zeros_like(t)[:, None] + c[None, :]
-        sidx = u[:, None] * ssu + (c // G)[None, :]
-    base = C + r * scr + u[:, None].to(tl.int64) * scu
+             D: tl.constexpr, BITS: tl.constexpr, AXIS: tl.constexpr, G: tl.constexpr, HAS_LUT: tl.constexpr,
+             UNIT_TILE: tl.constexpr):
+    """float32 (BN, DP): tokens ``t`` x channels ``c`` of row ``r``, read from the packed codes.
+    ``UNIT_TILE``: per-channel groups and the tile inside one unit (G a multiple of BN): one unit's
+    scales for the whole tile."""
+    if UNIT_TILE:
+        u0 = tl.min(t, 0) // G
+        within = (t - u0 * G)[:, None] * D + c[None, :]
+        base = C + r * scr + u0.to(tl.int64) * scu
+        sidx = (u0 * ssu + c)[None, :]
+        valid_s = (tl.max(valid.to(tl.int32), 0) != 0)[None, :]
+    else:
+        if AXIS == 0:  # per channel: a unit is G tokens, one scale per channel and unit
+            u = t // G
+            within = (t - u * G)[:, None] * D + c[None, :]
+            sidx = u[:, None] * ssu + c[None, :]
+        else:  # per token: a unit is one token, one scale per G channels
+            u = t
+            within = tl.zeros_like(t)[:, None] + c[None, :]
+            sidx = u[:, None] * ssu + (c // G)[None, :]
+        base = C + r * scr + u[:, None].to(tl.int64) * scu
+        valid_s = valid
     if BITS == 8:
         code = tl.load(base + within, mask=valid, other=0).to(tl.int32)
     elif BITS == 3:  # eight codes per little-endian 24-bit word: a code may straddle two bytes
@@ -63,8 +74,8 @@ def _dequant(C, S, Z, LUT, scr, scu, ssr, ssu, r, t, c, valid,
         level = tl.load(LUT + code, mask=valid, other=0.0).to(tl.float32)
     else:
         level = code.to(tl.float32)
-    s = tl.load(S + r * ssr + sidx, mask=valid, other=0.0).to(tl.float32)
-    z = tl.load(Z + r * ssr + sidx, mask=valid, other=0.0).to(tl.float32)
+    s = tl.load(S + r * ssr + sidx, mask=valid_s, other=0.0).to(tl.float32)
+    z = tl.load(Z + r * ssr + sidx, mask=valid_s, other=0.0).to(tl.float32)
     return level * s + z
 
 
@@ -129,8 +140,8 @@ def attend_kernel(
     MO, LO, AO,
     scale, nq, ql, heads, T, skip, body_col, body_pos, n_tiles, first_tile, tiles_per_split, n_splits, n_slots,
     D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, OB: tl.constexpr,
-    KBITS: tl.constexpr, KAXIS: tl.constexpr, KG: tl.constexpr, KLUT: tl.constexpr,
-    VBITS: tl.constexpr, VAXIS: tl.constexpr, VG: tl.constexpr, VLUT: tl.constexpr,
+    KBITS: tl.constexpr, KAXIS: tl.constexpr, KG: tl.constexpr, KLUT: tl.constexpr, KUT: tl.constexpr,
+    VBITS: tl.constexpr, VAXIS: tl.constexpr, VG: tl.constexpr, VLUT: tl.constexpr, VUT: tl.constexpr,
     QROT: tl.constexpr, ROPE: tl.constexpr, ROPE_H: tl.constexpr,
     HAS_KO: tl.constexpr, HAS_VO: tl.constexpr, VSEP: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr, UP: tl.constexpr,
 ):
@@ -173,7 +184,7 @@ def attend_kernel(
             t = tile * BN + tl.arange(0, BN)
             tin = t < T
             kv = tin[:, None] & dm[None, :]
-            k = _dequant(KC, KS, KZ, KL, skc_r, skc_u, sks_r, sks_u, r, t, offs_d, kv, D, KBITS, KAXIS, KG, KLUT)
+            k = _dequant(KC, KS, KZ, KL, skc_r, skc_u, sks_r, sks_u, r, t, offs_d, kv, D, KBITS, KAXIS, KG, KLUT, KUT)
             if ROPE:
                 rc = (body_pos + t)[:, None] * s_cos + offs_d[None, :]
                 cs = tl.load(COS + rc, mask=kv, other=0.0)
@@ -184,7 +195,7 @@ def attend_kernel(
                 else:  # rotate_half reads the partner channel: -x[c + D/2] below half, x[c - D/2] above
                     lower = offs_d < D // 2
                     partner = tl.where(lower, offs_d + D // 2, offs_d - D // 2)
-                    kp = _dequant(KC, KS, KZ, KL, skc_r, skc_u, sks_r, sks_u, r, t, partner, kv, D, KBITS, KAXIS, KG, KLUT)
+                    kp = _dequant(KC, KS, KZ, KL, skc_r, skc_u, sks_r, sks_u, r, t, partner, kv, D, KBITS, KAXIS, KG, KLUT, KUT)
                     k = k * cs + tl.where(lower, -kp, kp) * sn
             s = _mm(qk, tl.trans(k.to(DT)), PREC, UP)
             if HAS_KO:  # s[:, t] += q[:, c] a + q[:, partner(c)] b for each key outlier (t, c) of this row and tile
@@ -203,13 +214,13 @@ def attend_kernel(
                         qp = tl.load(Q + r * sq_r + offs_m[:, None] * sq_j + pc[None, :], mask=qm, other=0.0).to(tl.float32)
                         w += qp * tl.load(KOB + oo, mask=om, other=0.0)[None, :]
                     hit = (ot[:, None] == tl.arange(0, BN)[None, :]).to(tl.float32)
-                    s += tl.dot(w * scale, hit, input_precision="ieee")
+                    s += _mm(w * scale, hit, PREC, False)  # tf32 where the model is 16-bit: as precise as its scores
             valid = jm[:, None] & (tin & (t >= skip))[None, :]
             if HAS_MASK:
                 mv = tl.load(MASK + bidx * sm_b + iq[:, None] * sm_q + (body_col + t)[None, :] * sm_k, mask=valid, other=0)
                 valid = valid & (mv != 0)
             p, alpha, m_i, l_i = _softmax_step(s, valid, m_i, l_i)
-            v = _dequant(VC, VS, VZ, VL, svc_r, svc_u, svs_r, svs_u, r, t, offs_d, kv, D, VBITS, VAXIS, VG, VLUT)
+            v = _dequant(VC, VS, VZ, VL, svc_r, svc_u, svs_r, svs_u, r, t, offs_d, kv, D, VBITS, VAXIS, VG, VLUT, VUT)
             acc = acc * alpha[:, None] + _mm(p.to(DT), v.to(DT), PREC, UP)
             if VSEP:
                 accx = accx * alpha[:, None]
@@ -222,9 +233,9 @@ def attend_kernel(
                     ot = tl.load(VOT + oo, mask=om, other=-1).to(tl.int32)
                     oc = tl.load(VOC + oo, mask=om, other=-1).to(tl.int32)
                     hit_t = (tl.arange(0, BN)[:, None] == ot[None, :]).to(tl.float32)
-                    po = tl.dot(p, hit_t, input_precision="ieee") * tl.load(VOD + oo, mask=om, other=0.0)[None, :]
+                    po = _mm(p, hit_t, PREC, False) * tl.load(VOD + oo, mask=om, other=0.0)[None, :]
                     hit_c = (oc[:, None] == offs_d[None, :]).to(tl.float32)
-                    x = tl.dot(po, hit_c, input_precision="ieee")
+                    x = _mm(po, hit_c, PREC, False)
                     if VSEP:
                         accx += x
                     else:
@@ -293,7 +304,7 @@ def merge_kernel(MO, LO, AO, HT, OUT, so_b, so_i, so_h, nq, ql, heads, group, n_
     tl.store(ptr, res.to(OUT.dtype.element_ty), mask=am)
 
 
-if isinstance(_mm, triton.runtime.interpreter.InterpretedFunction):  # pragma: no cover - CPU tests only
+if type(_mm).__name__ == "InterpretedFunction":  # pragma: no cover - CPU tests only
     # Under the interpreter every call of a nested jit function re-patches triton.language (~2 ms);
     # the kernels' own call already did, so the helpers run as the plain Python they are.
     _dequant, _mm, _softmax_step, _raw_piece = _dequant.fn, _mm.fn, _softmax_step.fn, _raw_piece.fn
