@@ -78,7 +78,7 @@ def _uniform(kb, vb, **kw):
 ROT = dict(rotate_keys=True, rotate_values=True)
 
 # (quantizer, sink, outlier, chunk, TritonBackend fields): every packed width, both key and value axes,
-# Hadamard-rotated (outliers add) and plain (outliers replace) storage, pre- and post-RoPE keys,
+# Hadamard-rotated and plain storage (outliers add to either), pre- and post-RoPE keys,
 # codebooks, ragged groups and tiles, residuals of 0 and of many tokens, one and several history splits
 CASES = {
     "int2-kchannel-vtoken-rotated": (_uniform(2, 2, **ROT), "fixed", OUTLIERS, 16, dict(block_n=16, splits=3)),
@@ -181,6 +181,21 @@ def test_batched_mha_unpadded():
     model = _llama(kv_heads=4)
     ids = torch.randint(0, 128, (3, 40), generator=torch.Generator().manual_seed(2)).to(DEVICE)
     compare(model, CASES["int3-ktoken-vchannel-plain"], ids, steps=2)
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen3_5_text"])
+def test_families_sliding_window_and_partial_rotary(family):
+    """mistral: sliding-window layers (evicted groups, a body that starts past position 0, the window's
+    mask by column); qwen3_5_text: linear-attention layers beside a full-attention layer whose pre-RoPE
+    keys rotate only their leading quarter (partial rotary)."""
+    from conftest import tiny_family_model
+
+    model = copy.deepcopy(tiny_family_model(family)).to(DEVICE)
+    ids = torch.randint(3, 128, (1, 56), generator=torch.Generator().manual_seed(6)).to(DEVICE)
+    q = {"name": "uniform", "key_group_size": 16, "value_group_size": 16, "rotate_keys": True, "rotate_values": True}
+    compare(model, (q, "fixed", OUTLIERS, 16, dict(block_n=16)), ids, steps=6)
+    if family == "qwen3_5_text":  # and without the rotation: RoPE's partner channels read from the codes
+        compare(model, ({**q, "rotate_keys": False}, "fixed", OUTLIERS, 16, dict(block_n=16)), ids, steps=2)
 
 
 def test_bfloat16_matches_dense_to_rounding(model):

@@ -26,7 +26,7 @@ import torch
 from ..errors import ConfigError
 from ..quantization import Quantized, Raw
 from ..rope import rotate_half
-from ..rotation import hadamard
+from ..rotation import hadamard, hadamard_on
 from ..segments import KVSegment, LayerView
 
 BITS = (1, 2, 3, 4, 8)  # packed widths the kernel reads; 16-bit storage is Raw
@@ -128,16 +128,16 @@ class TritonBackend:
         vargs = _block_args(body.values, dummy) if body is not None else _block_args(None, dummy)
         rope = body is not None and body.key_rope is not None
         khad = body is not None and body.key_hadamard
-        h = _hadamard(d, dt, dev) if (khad or vrot) and _pow2(d) else dummy
+        h = hadamard_on(d, dev, dt) if (khad or vrot) and _pow2(d) else dummy
         cos = sin = rm1 = rm2 = dummy
-        s_cos = 0
-        if rope:
+        s_cos, width = 0, d
+        if rope:  # the model's cos/sin of the rotated (leading ``width``) channels, by position
             cos, sin = body.key_rope._table(body.start + T, q)
-            s_cos = cos.stride(0)
+            s_cos, width = cos.stride(0), cos.shape[-1]
             if khad:
-                rm1, rm2 = _rope_hadamard(d, dt, dev)
-        ko = _outlier_lists(body, "keys", rows, bn, cos, sin) if body is not None else None
-        vo = _outlier_lists(body, "values", rows, bn, cos, sin) if body is not None else None
+                rm1, rm2 = _rope_hadamard(d, width, dt, dev)
+        ko = _outlier_lists(body, "keys", rows, bn, cos, sin, width) if body is not None else None
+        vo = _outlier_lists(body, "values", rows, bn, cos, sin, width) if body is not None else None
         vsep = vrot and vo is not None
         ko_args = ko if ko is not None else (dummy,) * 5
         vo_args = vo[:4] if vo is not None else (dummy,) * 4
@@ -172,7 +172,7 @@ class TritonBackend:
             D=d, DP=dp, BM=bm, BN=bn, OB=16,
             KBITS=kargs.bits, KAXIS=kargs.axis, KG=kargs.group, KLUT=kargs.lut, KUT=kargs.axis == 0 and kargs.group % bn == 0,
             VBITS=vargs.bits, VAXIS=vargs.axis, VG=vargs.group, VLUT=vargs.lut, VUT=vargs.axis == 0 and vargs.group % bn == 0,
-            QROT=khad and not rope, ROPE=rope, ROPE_H=rope and khad,
+            QROT=khad and not rope, ROPE=rope, ROPE_H=rope and khad, RW=width,
             HAS_KO=ko is not None, HAS_VO=vo is not None, VSEP=vsep, HAS_MASK=mask is not None, PREC=prec,
             UP=_interpreting() and dt != torch.float32,
             num_warps=4 if decode else 8,
@@ -180,7 +180,7 @@ class TritonBackend:
         out = torch.empty(b, ql, hq, d, dtype=dt, device=dev)
         bj = 16
         K.merge_kernel[(-(-nq // bj), rows)](
-            mo, lo, ao, _hadamard(d, torch.float32, dev) if vrot else dummy, out, out.stride(0), out.stride(1), out.stride(2), nq, ql, heads, group, n_slots,
+            mo, lo, ao, hadamard_on(d, dev, torch.float32) if vrot else dummy, out, out.stride(0), out.stride(1), out.stride(2), nq, ql, heads, group, n_slots,
             splits if vrot else 0, D=d, DP=dp, BJ=bj, HAS_ROT=vrot, num_warps=4,
         )
         return out
@@ -268,10 +268,11 @@ def _dense(seg: KVSegment, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tens
     return cache[key]
 
 
-def _outlier_lists(seg: KVSegment, kind: str, rows: int, bn: int, cos: torch.Tensor, sin: torch.Tensor):
+def _outlier_lists(seg: KVSegment, kind: str, rows: int, bn: int, cos: torch.Tensor, sin: torch.Tensor, width: int):
     """The segment's ``kind`` outliers as per-(row, tile) lists: (pointers (rows, tiles + 1) int32,
     token within the tile int16, channel int16, coefficient a float32, coefficient b float32) sorted by
-    (row, token). Keys: a score bias ``q[c] a + q[partner(c)] b``; values: ``p δ`` at channel c with δ = a.
+    (row, token). An outlier δ adds to its body value (un-rotated, pre-RoPE). Keys: a score bias
+    ``q[c] a + q[partner(c)] b`` (a = δ, b = 0 without RoPE); values: ``p δ`` at channel c (δ = a).
 
     Built on the device with a stable sort and a search (no host synchronisation) and cached on the
     outlier store's tensors, which are replaced whenever outliers are appended."""
@@ -280,15 +281,12 @@ def _outlier_lists(seg: KVSegment, kind: str, rows: int, bn: int, cos: torch.Ten
         return None
     block = seg.keys if kind == "keys" else seg.values
     rope = kind == "keys" and seg.key_rope is not None
-    additive = seg.key_hadamard if kind == "keys" else seg.value_hadamard
     cache = sparse.low.__dict__.setdefault(_CACHE, {})
-    key = (kind, bn, block.tokens, seg.start, rope, additive)
+    key = (kind, bn, block.tokens, seg.start, rope)
     if key in cache:
         return cache[key]
     r, t, c = sparse.coordinates()
     delta = sparse.decoded_values(torch.float32)
-    if not additive:  # the outlier replaces the body's clipped value: add the difference
-        delta = delta - block.values_at(r, t, c, torch.float32)
     order = torch.sort(r, stable=True).indices  # stored token-major; stable by row gives (row, token)
     r, t, c, delta = r[order], t[order], c[order], delta[order]
     T = block.tokens
@@ -296,12 +294,13 @@ def _outlier_lists(seg: KVSegment, kind: str, rows: int, bn: int, cos: torch.Ten
     edges = torch.arange(rows, device=r.device)[:, None] * T + (torch.arange(tiles + 1, device=r.device) * bn).clamp(max=T)
     ptr = torch.searchsorted(r * T + t, edges.reshape(-1)).to(torch.int32).reshape(rows, tiles + 1)
     a, b = delta, delta
-    if rope:  # RoPE of δ e_c at position p: δ cos[p, c] at c, ±δ sin[p, partner] at partner(c)
-        h = block.dim // 2
+    if rope:  # RoPE of δ e_c at position p: δ cos[p, c] at c, ±δ sin[p, partner] at partner(c) (c < width)
+        h = width // 2
         pos = seg.start + t
-        partner = torch.where(c < h, c + h, c - h)
-        a = delta * cos[pos, c]
-        b = torch.where(c < h, delta, -delta) * sin[pos, partner]
+        inside = c < width
+        partner = torch.where(c < h, c + h, torch.where(inside, c - h, c)).clamp(max=width - 1)
+        a = torch.where(inside, delta * cos[pos, c.clamp(max=width - 1)], delta)
+        b = torch.where(inside, torch.where(c < h, delta, -delta) * sin[pos, partner], torch.zeros_like(delta))
     out = (ptr, (t % bn).to(torch.int16), c.to(torch.int16), a.float().contiguous(), b.float().contiguous())
     cache[key] = out
     return out
@@ -321,15 +320,13 @@ def _dummy(device: torch.device) -> torch.Tensor:
 
 
 @lru_cache(maxsize=None)
-def _hadamard(d: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    return hadamard(d).to(device, dtype).contiguous()
-
-
-@lru_cache(maxsize=None)
-def _rope_hadamard(d: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Hᵀ and rotate_half(Hᵀ): ``k_stored @ each`` gives the pre-RoPE key and its rotate_half."""
+def _rope_hadamard(d: int, width: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hᵀ and Hᵀ with rotate_half on its leading ``width`` columns (zero past them): ``k_stored @ each``
+    gives the pre-RoPE key and the rotate_half RoPE multiplies by sin."""
     ht = hadamard(d).T.contiguous()
-    return ht.to(device, dtype), rotate_half(ht).contiguous().to(device, dtype)
+    half = torch.zeros_like(ht)
+    half[:, :width] = rotate_half(ht[:, :width])
+    return ht.to(device, dtype), half.to(device, dtype)
 
 
 @lru_cache(maxsize=None)

@@ -17,11 +17,11 @@ Everything a reader of :class:`~streamkv.kv.segments.KVSegment` must apply happe
   (``axis="token"``: one per ``G`` channels of a token), and a codebook LUT when the block has one;
 * Hadamard-rotated keys: the query is rotated once per program, ``(q H)·(k H) = q·k``;
 * keys stored before RoPE: rotated back (``k Hᵀ``) when they were rotated, then RoPE'd at their positions
-  from the model's own cos/sin table;
-* sparse outliers: a per-(row, tile) list (:func:`streamkv.kv.attention.triton.outlier_lists`) that adds
-  ``q·δ`` to the scores (``δ`` = the outlier where rotated storage adds it, outlier minus the clipped
-  body value where it replaces it; through RoPE when keys are pre-RoPE) and ``p δ`` to the output
-  (in the plain domain: a separate accumulator when the values are rotated);
+  from the model's own cos/sin table (its leading ``RW`` channels: partial rotary);
+* sparse outliers, each the correction δ its position adds to the body's reading (un-rotated, pre-RoPE):
+  a per-(row, tile) list (built by :mod:`streamkv.kv.attention.triton`) that adds ``q·δ`` to the scores
+  (through RoPE when keys are pre-RoPE) and ``p δ`` to the output (in the plain domain: a separate
+  accumulator when the values are rotated);
 * sinks: the body's first ``skip`` tokens are masked (the sinks' own copy is a full-precision piece);
 * the mask transformers built, by column; the forward's own tokens are causal among themselves.
 
@@ -142,7 +142,7 @@ def attend_kernel(
     D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, OB: tl.constexpr,
     KBITS: tl.constexpr, KAXIS: tl.constexpr, KG: tl.constexpr, KLUT: tl.constexpr, KUT: tl.constexpr,
     VBITS: tl.constexpr, VAXIS: tl.constexpr, VG: tl.constexpr, VLUT: tl.constexpr, VUT: tl.constexpr,
-    QROT: tl.constexpr, ROPE: tl.constexpr, ROPE_H: tl.constexpr,
+    QROT: tl.constexpr, ROPE: tl.constexpr, ROPE_H: tl.constexpr, RW: tl.constexpr,
     HAS_KO: tl.constexpr, HAS_VO: tl.constexpr, VSEP: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr, UP: tl.constexpr,
 ):
     """Grid (query blocks, rows, n_splits + 1); see the module docstring.
@@ -185,16 +185,17 @@ def attend_kernel(
             tin = t < T
             kv = tin[:, None] & dm[None, :]
             k = _dequant(KC, KS, KZ, KL, skc_r, skc_u, sks_r, sks_u, r, t, offs_d, kv, D, KBITS, KAXIS, KG, KLUT, KUT)
-            if ROPE:
+            if ROPE:  # the leading RW channels rotate (partial rotary); past them cos = 1, sin = 0
                 rc = (body_pos + t)[:, None] * s_cos + offs_d[None, :]
-                cs = tl.load(COS + rc, mask=kv, other=0.0)
-                sn = tl.load(SIN + rc, mask=kv, other=0.0)
+                rm = kv & (offs_d < RW)[None, :]
+                cs = tl.load(COS + rc, mask=rm, other=1.0)
+                sn = tl.load(SIN + rc, mask=rm, other=0.0)
                 if ROPE_H:  # k Hᵀ and rotate_half(k Hᵀ) as two products
                     kd = k.to(DT)
                     k = _mm(kd, m1, PREC, UP) * cs + _mm(kd, m2, PREC, UP) * sn
-                else:  # rotate_half reads the partner channel: -x[c + D/2] below half, x[c - D/2] above
-                    lower = offs_d < D // 2
-                    partner = tl.where(lower, offs_d + D // 2, offs_d - D // 2)
+                else:  # rotate_half reads the partner channel: -x[c + RW/2] below half, x[c - RW/2] above
+                    lower = offs_d < RW // 2
+                    partner = tl.where(lower, offs_d + RW // 2, tl.where(offs_d < RW, offs_d - RW // 2, offs_d))
                     kp = _dequant(KC, KS, KZ, KL, skc_r, skc_u, sks_r, sks_u, r, t, partner, kv, D, KBITS, KAXIS, KG, KLUT, KUT)
                     k = k * cs + tl.where(lower, -kp, kp) * sn
             s = _mm(qk, tl.trans(k.to(DT)), PREC, UP)
@@ -210,7 +211,7 @@ def attend_kernel(
                     qo = tl.load(Q + r * sq_r + offs_m[:, None] * sq_j + oc[None, :], mask=qm, other=0.0).to(tl.float32)
                     w = qo * tl.load(KOA + oo, mask=om, other=0.0)[None, :]
                     if ROPE:
-                        pc = tl.where(oc < D // 2, oc + D // 2, oc - D // 2)
+                        pc = tl.where(oc < RW // 2, oc + RW // 2, tl.where(oc < RW, oc - RW // 2, oc))
                         qp = tl.load(Q + r * sq_r + offs_m[:, None] * sq_j + pc[None, :], mask=qm, other=0.0).to(tl.float32)
                         w += qp * tl.load(KOB + oo, mask=om, other=0.0)[None, :]
                     hit = (ot[:, None] == tl.arange(0, BN)[None, :]).to(tl.float32)
