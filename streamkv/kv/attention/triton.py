@@ -1,25 +1,337 @@
-"""The Triton backend: fused decode and chunked-prefill kernels on the packed codes (GPU)."""
+"""The Triton backend: fused decode and chunked-prefill kernels on the packed codes (CUDA GPU).
+
+The packed body of a layer is read by :mod:`streamkv.kv.kernels.triton_attention` straight from its
+codes, split over the history (flash-decoding) when few queries attend and over query blocks in
+chunked prefill; the small full-precision pieces (sinks, residual, the forward's own tokens) are
+attended by one more program per row; a merge kernel combines the partial softmaxes, un-rotates the
+values once and writes the output. Every layout of the engine's quantizers is served in the kernel:
+packed widths 1/2/3/4/8, per-channel and per-token groups, codebook LUTs, Hadamard-rotated keys and
+values, keys stored before RoPE (rotated back and RoPE'd in the kernel), sinks and sparse outliers.
+
+No host synchronisation happens in a forward: sizes come from shapes, outlier lists are built with
+sorts and searches on the device (once per stored outlier set, cached on its tensors). A segment the
+kernels do not read (an unknown storage class) sends the whole forward to the ``fused`` backend.
+Under ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors (slowly: for tests).
+"""
 
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 
 from ..errors import ConfigError
+from ..quantization import Quantized, Raw
+from ..rope import rotate_half
+from ..rotation import hadamard, hadamard_on
+from ..segments import KVSegment, LayerView
+
+BITS = (1, 2, 3, 4, 8)  # packed widths the kernel reads; 16-bit storage is Raw
+_CACHE = "_streamkv_triton"  # per-tensor cache (outlier lists, dense sinks) on the stored tensors
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@lru_cache(maxsize=None)
+def _triton_error() -> str:
+    try:
+        import triton  # noqa: F401
+    except Exception as e:  # noqa: BLE001
+        return f"{type(e).__name__}: {e}"
+    return ""
 
 
 @dataclass
 class TritonBackend:
+    """Fused Triton kernels on the packed codes; see the module docstring.
+
+    ``block_n``: history tokens per tile. ``block_m``: queries per program in chunked prefill.
+    ``decode_queries``: up to this many queries per KV row (query heads per KV head x chunk length)
+    a forward counts as decoding: one query block, the history split over the GPU. ``splits``:
+    history splits per (row, query block); 0 = enough programs to fill the GPU.
+    """
+
+    block_n: int = 64
+    block_m: int = 128
+    decode_queries: int = 16
+    splits: int = 0
+
     name = "triton"
     materializes = False
 
     @staticmethod
     def importable() -> bool:
-        return False
+        """Whether the kernels can run here: triton imports, and a CUDA GPU (or the interpreter)."""
+        return not _triton_error() and (torch.cuda.is_available() or _interpreting())
 
     def check(self, compression, device: torch.device) -> None:
-        raise ConfigError("attention=triton has no kernels in this build; use attention=fused (or auto)")
+        """Refuse, in one line, a device or storage the kernels cannot serve."""
+        why = _triton_error()
+        if why:
+            raise ConfigError(f"attention=triton needs the triton package ({why}); use attention=fused (or auto)")
+        if torch.device(device).type != "cuda" and not _interpreting():
+            raise ConfigError(
+                f"attention=triton runs on a CUDA GPU (or under TRITON_INTERPRET=1), not on {torch.device(device).type}; "
+                "use attention=fused (or auto)"
+            )
+        q = compression.quantizer
+        for kind in ("key", "value"):
+            bits = getattr(q, f"{kind}_bits", None)  # a quantizer without fixed widths is checked when read
+            if isinstance(bits, int) and bits not in (*BITS, 16):
+                raise ConfigError(f"attention=triton reads packed widths {list(BITS)}, not quantizer.{kind}_bits={bits}; use attention=fused")
 
-    def attend(self, view, query, mask, scaling):  # pragma: no cover
-        raise NotImplementedError
+    # -- one forward ------------------------------------------------------------------------------
+    def attend(self, view: LayerView, query: torch.Tensor, mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
+        """``query`` (batch, q_heads, q_len, dim) → output (batch, q_len, q_heads, dim)."""
+        plan = _plan(view, query)
+        if plan is None:
+            from .fused import FusedBackend
+
+            return FusedBackend().attend(view, query, mask, scaling)
+        from ..kernels import triton_attention as K
+
+        body, pieces = plan
+        b, hq, ql, d = query.shape
+        heads = view.heads
+        group = hq // heads
+        rows, nq = b * heads, group * ql
+        dev, dt = query.device, query.dtype
+        q = query.reshape(rows, nq, d)
+        if q.stride(-1) != 1:
+            q = q.contiguous()
+        dp = max(16, triton_next_pow2(d))
+        bn = self.block_n
+        decode = nq <= self.decode_queries
+        # float32 operands take twice the shared memory: 128-query blocks would not fit in a Hopper SM's 227 KiB
+        bm = max(16, triton_next_pow2(nq)) if decode else (self.block_m if dt != torch.float32 else min(self.block_m, 64))
+        q_blocks = -(-nq // bm)
+        prec = "ieee" if dt == torch.float32 else "tf32"
+        dummy = _dummy(dev)
+
+        # the packed body and its transforms
+        T = body.tokens if body is not None else 0
+        n_tiles = -(-T // bn)
+        first = (body.skip // bn) if body is not None else 0
+        splits = 0
+        if n_tiles > first:
+            splits = self.splits or max(1, -(-_target_programs(dev) // (rows * q_blocks)))
+            splits = min(splits, n_tiles - first)
+        per_split = -(-(n_tiles - first) // splits) if splits else 0
+        splits = -(-(n_tiles - first) // per_split) if splits else 0
+        vrot = body is not None and body.value_hadamard
+        kargs = _block_args(body.keys, dummy) if body is not None else _block_args(None, dummy)
+        vargs = _block_args(body.values, dummy) if body is not None else _block_args(None, dummy)
+        rope = body is not None and body.key_rope is not None
+        khad = body is not None and body.key_hadamard
+        h = hadamard_on(d, dev, dt) if (khad or vrot) and _pow2(d) else dummy
+        cos = sin = rm1 = rm2 = dummy
+        s_cos, width = 0, d
+        if rope:  # the model's cos/sin of the rotated (leading ``width``) channels, by position
+            cos, sin = body.key_rope._table(body.start + T, q)
+            s_cos, width = cos.stride(0), cos.shape[-1]
+            if khad:
+                rm1, rm2 = _rope_hadamard(d, width, dt, dev)
+        ko = _outlier_lists(body, "keys", rows, bn, cos, sin, width) if body is not None else None
+        vo = _outlier_lists(body, "values", rows, bn, cos, sin, width) if body is not None else None
+        vsep = vrot and vo is not None
+        ko_args = ko if ko is not None else (dummy,) * 5
+        vo_args = vo[:4] if vo is not None else (dummy,) * 4
+
+        # the mask transformers built (True = attend), read by column
+        if mask is not None:
+            m = mask.expand(b, 1, ql, mask.shape[-1])
+            m_args = (m.view(torch.uint8) if m.dtype == torch.bool else m != 0, m.stride(0), m.stride(2), m.stride(3))
+        else:
+            m_args = (dummy, 0, 0, 0)
+        off = view.mask_offset
+        piece_args = []
+        for k, v, pos in pieces:
+            piece_args += [k, v, k.stride(0), k.stride(1), v.stride(0), v.stride(1), k.shape[1], pos - off]
+
+        n_slots = splits + 1 + (splits if vsep else 0)
+        mo = torch.empty(rows, n_slots, nq, dtype=torch.float32, device=dev)
+        lo = torch.empty_like(mo)
+        ao = torch.empty(rows, n_slots, nq, d, dtype=torch.float32, device=dev)
+        grid = (q_blocks, rows, splits + 1)
+        K.attend_kernel[grid](
+            q, q.stride(0), q.stride(1), h,
+            *kargs, *vargs,
+            cos, sin, s_cos, rm1, rm2,
+            *ko_args, *vo_args,
+            *m_args,
+            *piece_args,
+            mo, lo, ao,
+            float(scaling), nq, ql, heads, T, body.skip if body is not None else 0,
+            (body.start - off) if body is not None else 0, body.start if body is not None else 0,
+            n_tiles, first, per_split, splits, n_slots,
+            D=d, DP=dp, BM=bm, BN=bn, OB=16,
+            KBITS=kargs.bits, KAXIS=kargs.axis, KG=kargs.group, KLUT=kargs.lut, KUT=kargs.axis == 0 and kargs.group % bn == 0,
+            VBITS=vargs.bits, VAXIS=vargs.axis, VG=vargs.group, VLUT=vargs.lut, VUT=vargs.axis == 0 and vargs.group % bn == 0,
+            QROT=khad and not rope, ROPE=rope, ROPE_H=rope and khad, RW=width,
+            HAS_KO=ko is not None, HAS_VO=vo is not None, VSEP=vsep, HAS_MASK=mask is not None, PREC=prec,
+            UP=_interpreting() and dt != torch.float32,
+            num_warps=4 if decode else 8,
+        )
+        out = torch.empty(b, ql, hq, d, dtype=dt, device=dev)
+        bj = 16
+        K.merge_kernel[(-(-nq // bj), rows)](
+            mo, lo, ao, hadamard_on(d, dev, torch.float32) if vrot else dummy, out, out.stride(0), out.stride(1), out.stride(2), nq, ql, heads, group, n_slots,
+            splits if vrot else 0, D=d, DP=dp, BJ=bj, HAS_ROT=vrot, num_warps=4,
+        )
+        return out
+
+
+class _Block(tuple):
+    """A stored block as the kernel's arguments: (codes, scale, zero, lut, 4 strides) + constexprs."""
+
+    bits: int
+    axis: int
+    group: int
+    lut: bool
+
+
+def _block_args(block: Quantized | None, dummy: torch.Tensor) -> _Block:
+    if block is None:
+        out = _Block((dummy, dummy, dummy, dummy, 0, 0, 0, 0))
+        out.bits, out.axis, out.group, out.lut = 8, 1, 1, False
+        return out
+    codes, scale, zero = block.codes, block.scale, block.zero
+    scale = scale.reshape(scale.shape[0], scale.shape[1], -1)
+    zero = zero.reshape(zero.shape[0], zero.shape[1], -1)
+    if codes.stride(-1) != 1:
+        codes = codes.contiguous()
+    if scale.stride(-1) != 1 or zero.stride() != scale.stride():
+        scale, zero = scale.contiguous(), zero.contiguous()
+    lut = block.lut
+    out = _Block((codes, scale, zero, dummy if lut is None else lut.to(codes.device, torch.float32),
+                  codes.stride(0), codes.stride(1), scale.stride(0), scale.stride(1)))
+    out.bits, out.axis, out.group, out.lut = block.bits, 0 if block.axis == "channel" else 1, block.group_size, lut is not None
+    return out
+
+
+def _covered(block, dim: int) -> bool:
+    return isinstance(block, Quantized) and block.bits in BITS and block.dim == dim
+
+
+def _plain_raw(seg: KVSegment) -> bool:
+    return (isinstance(seg.keys, Raw) and isinstance(seg.values, Raw) and seg.key_rope is None and not seg.key_hadamard
+            and not seg.value_hadamard and seg.key_outliers is None and seg.value_outliers is None)
+
+
+def _plan(view: LayerView, query: torch.Tensor):
+    """(body segment or None, [(keys, values, position)] full-precision pieces, own tokens last), or
+    None when a segment needs the ``fused`` backend."""
+    d = query.shape[-1]
+    packed = [s for s in view.segments if _covered(s.keys, d) and _covered(s.values, d)]
+    body = max(packed, key=lambda s: s.tokens, default=None)
+    pieces = []
+    for seg in view.segments:
+        if seg is body or seg.tokens <= seg.skip:
+            continue
+        if _plain_raw(seg):
+            k, v = seg.keys.data, seg.values.data
+        elif isinstance(seg.keys, (Quantized, Raw)) and isinstance(seg.values, (Quantized, Raw)):
+            k, v = _dense(seg, query.dtype)  # small (sinks): read once with the reference reader, cached
+        else:
+            return None
+        pieces.append((_last_dim_contiguous(k[:, seg.skip :]), _last_dim_contiguous(v[:, seg.skip :]), seg.start + seg.skip))
+    if len(pieces) > 2:
+        return None
+    dummy = query.new_empty(view.keys.shape[0], 0, d)
+    pieces = [(dummy, dummy, 0)] * (2 - len(pieces)) + pieces
+    pieces.append((_last_dim_contiguous(view.keys), _last_dim_contiguous(view.values), view.history))
+    return body, pieces
+
+
+def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _dense(seg: KVSegment, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The segment read densely by the reference reader, cached on its stored tensors."""
+    anchor = seg.keys.tensors()[0]
+    cache = anchor.__dict__.setdefault(_CACHE, {})
+    key = ("dense", dtype, seg.start)
+    if key not in cache:
+        rows, dim = anchor.shape[0], seg.values.dim if isinstance(seg.values, Quantized) else seg.values.data.shape[-1]
+        out = []
+        for kind in ("keys", "values"):
+            buf = torch.empty(rows, seg.tokens, dim, dtype=dtype, device=anchor.device)
+            seg.read(kind, dtype, buf)
+            out.append(buf)
+        cache[key] = tuple(out)
+    return cache[key]
+
+
+def _outlier_lists(seg: KVSegment, kind: str, rows: int, bn: int, cos: torch.Tensor, sin: torch.Tensor, width: int):
+    """The segment's ``kind`` outliers as per-(row, tile) lists: (pointers (rows, tiles + 1) int32,
+    token within the tile int16, channel int16, coefficient a float32, coefficient b float32) sorted by
+    (row, token). An outlier δ adds to its body value (un-rotated, pre-RoPE). Keys: a score bias
+    ``q[c] a + q[partner(c)] b`` (a = δ, b = 0 without RoPE); values: ``p δ`` at channel c (δ = a).
+
+    Built on the device with a stable sort and a search (no host synchronisation) and cached on the
+    outlier store's tensors, which are replaced whenever outliers are appended."""
+    sparse = seg.key_outliers if kind == "keys" else seg.value_outliers
+    if sparse is None or sparse.count == 0:
+        return None
+    block = seg.keys if kind == "keys" else seg.values
+    rope = kind == "keys" and seg.key_rope is not None
+    cache = sparse.low.__dict__.setdefault(_CACHE, {})
+    key = (kind, bn, block.tokens, seg.start, rope)
+    if key in cache:
+        return cache[key]
+    r, t, c = sparse.coordinates()
+    delta = sparse.decoded_values(torch.float32)
+    order = torch.sort(r, stable=True).indices  # stored token-major; stable by row gives (row, token)
+    r, t, c, delta = r[order], t[order], c[order], delta[order]
+    T = block.tokens
+    tiles = -(-T // bn)
+    edges = torch.arange(rows, device=r.device)[:, None] * T + (torch.arange(tiles + 1, device=r.device) * bn).clamp(max=T)
+    ptr = torch.searchsorted(r * T + t, edges.reshape(-1)).to(torch.int32).reshape(rows, tiles + 1)
+    a, b = delta, delta
+    if rope:  # RoPE of δ e_c at position p: δ cos[p, c] at c, ±δ sin[p, partner] at partner(c) (c < width)
+        h = width // 2
+        pos = seg.start + t
+        inside = c < width
+        partner = torch.where(c < h, c + h, torch.where(inside, c - h, c)).clamp(max=width - 1)
+        a = torch.where(inside, delta * cos[pos, c.clamp(max=width - 1)], delta)
+        b = torch.where(inside, torch.where(c < h, delta, -delta) * sin[pos, partner], torch.zeros_like(delta))
+    out = (ptr, (t % bn).to(torch.int16), c.to(torch.int16), a.float().contiguous(), b.float().contiguous())
+    cache[key] = out
+    return out
+
+
+def triton_next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+@lru_cache(maxsize=None)
+def _dummy(device: torch.device) -> torch.Tensor:
+    return torch.zeros(16, dtype=torch.float32, device=device)
+
+
+@lru_cache(maxsize=None)
+def _rope_hadamard(d: int, width: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hᵀ and Hᵀ with rotate_half on its leading ``width`` columns (zero past them): ``k_stored @ each``
+    gives the pre-RoPE key and the rotate_half RoPE multiplies by sin."""
+    ht = hadamard(d).T.contiguous()
+    half = torch.zeros_like(ht)
+    half[:, :width] = rotate_half(ht[:, :width])
+    return ht.to(device, dtype), half.to(device, dtype)
+
+
+@lru_cache(maxsize=None)
+def _target_programs(device: torch.device) -> int:
+    """Programs that fill the device: a few per streaming multiprocessor (1 under the interpreter)."""
+    if device.type != "cuda" or _interpreting():
+        return 1
+    return 4 * torch.cuda.get_device_properties(device).multi_processor_count
