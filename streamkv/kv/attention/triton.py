@@ -16,7 +16,6 @@ Under ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors (slowly: for te
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from functools import lru_cache
@@ -30,9 +29,9 @@ from ..rotation import hadamard, hadamard_on
 from ..segments import KVSegment, LayerView
 
 BITS = (1, 2, 3, 4, 8)  # packed widths the kernel reads; 16-bit storage is Raw
-_CACHE = "_streamkv_triton"
+_CACHE = "_streamkv_triton"  # per-tensor cache (outlier lists, dense sinks) on the stored tensors
 DECODE_WARPS, PREFILL_WARPS = 4, 8  # warps per program (tools/triton_compile_check.py reports registers and spills)
-ROW_LOADS = True  # read each token's packed bytes as one row and spread them in registers (False: byte per code)  # per-tensor cache (outlier lists, dense sinks) on the stored tensors
+ROW_LOADS = True  # read each token's packed bytes as one row and spread them in registers (False: byte per code)
 
 
 def _interpreting() -> bool:
