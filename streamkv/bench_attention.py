@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .kv.attention import DenseBackend, FusedBackend, TritonBackend
+from .kv.attention import FusedBackend, TritonBackend
 from .kv.compression import Compression
 from .kv.errors import ConfigError
 from .kv.layer import CompressedLayer

@@ -159,6 +159,17 @@ def test_logits_match_dense(model, name):
         assert layer.k.residual.shape[1] == 0
 
 
+@pytest.mark.parametrize("name", ["int2-kchannel-vtoken-rotated", "int3-ktoken-vchannel-plain"])
+def test_byte_per_code_reads_match_dense(model, name, monkeypatch):
+    """The read that fetches every code at its own byte (head dims that are not a power of two; RoPE's
+    partner channels) against dense, for the layouts the row read otherwise serves."""
+    from streamkv.kv.attention import triton as backend
+
+    monkeypatch.setattr(backend, "ROW_LOADS", False)
+    ids = torch.randint(0, 128, (1, 40), generator=torch.Generator().manual_seed(7)).to(DEVICE)
+    compare(model, CASES[name], ids, steps=2)
+
+
 def _llama(kv_heads: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 

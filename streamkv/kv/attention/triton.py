@@ -16,7 +16,6 @@ Under ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors (slowly: for te
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from functools import lru_cache
@@ -31,6 +30,8 @@ from ..segments import KVSegment, LayerView
 
 BITS = (1, 2, 3, 4, 8)  # packed widths the kernel reads; 16-bit storage is Raw
 _CACHE = "_streamkv_triton"  # per-tensor cache (outlier lists, dense sinks) on the stored tensors
+DECODE_WARPS, PREFILL_WARPS = 4, 8  # warps per program (tools/triton_compile_check.py reports registers and spills)
+ROW_LOADS = True  # read each token's packed bytes as one row and spread them in registers (False: byte per code)
 
 
 def _interpreting() -> bool:
@@ -171,11 +172,12 @@ class TritonBackend:
             n_tiles, first, per_split, splits, n_slots,
             D=d, DP=dp, BM=bm, BN=bn, OB=16,
             KBITS=kargs.bits, KAXIS=kargs.axis, KG=kargs.group, KLUT=kargs.lut, KUT=kargs.axis == 0 and kargs.group % bn == 0,
-            VBITS=vargs.bits, VAXIS=vargs.axis, VG=vargs.group, VLUT=vargs.lut, VUT=vargs.axis == 0 and vargs.group % bn == 0,
+            KROWS=ROW_LOADS and d == dp, VBITS=vargs.bits, VAXIS=vargs.axis, VG=vargs.group, VLUT=vargs.lut,
+            VUT=vargs.axis == 0 and vargs.group % bn == 0, VROWS=ROW_LOADS and d == dp,
             QROT=khad and not rope, ROPE=rope, ROPE_H=rope and khad, RW=width,
             HAS_KO=ko is not None, HAS_VO=vo is not None, VSEP=vsep, HAS_MASK=mask is not None, PREC=prec,
             UP=_interpreting() and dt != torch.float32,
-            num_warps=4 if decode else 8,
+            num_warps=DECODE_WARPS if decode else PREFILL_WARPS,
         )
         out = torch.empty(b, ql, hq, d, dtype=dt, device=dev)
         bj = 16

@@ -12,7 +12,9 @@ combines them, un-rotates the values' Hadamard domain once and writes ``(batch, 
 Everything a reader of :class:`~streamkv.kv.segments.KVSegment` must apply happens in the kernel:
 
 * codes of 1/2/3/4/8 bits are a little-endian bit stream inside each storage unit (3-bit codes fill
-  24-bit words the same way), so code ``i`` of a unit starts at bit ``i * bits``;
+  24-bit words the same way), so code ``i`` of a unit starts at bit ``i * bits``: a token's codes are one
+  contiguous row of bytes, read with vector loads and spread into channels in registers (or, for RoPE's
+  partner channels and head dims that are not a power of two, read code by code at their bytes);
 * per-channel scales (``axis="channel"``: one per channel for every ``G`` tokens) or per-token ones
   (``axis="token"``: one per ``G`` channels of a token), and a codebook LUT when the block has one;
 * Hadamard-rotated keys: the query is rotated once per program, ``(q H)·(k H) = q·k``;
@@ -35,47 +37,91 @@ import triton.language as tl
 
 
 @triton.jit
-def _dequant(C, S, Z, LUT, scr, scu, ssr, ssu, r, t, c, valid,
+def _dequant(C, S, Z, LUT, scr, scu, ssr, ssu, r, t, tin, c, valid,
              D: tl.constexpr, BITS: tl.constexpr, AXIS: tl.constexpr, G: tl.constexpr, HAS_LUT: tl.constexpr,
-             UNIT_TILE: tl.constexpr):
-    """float32 (BN, DP): tokens ``t`` x channels ``c`` of row ``r``, read from the packed codes.
-    ``UNIT_TILE``: per-channel groups and the tile inside one unit (G a multiple of BN): one unit's
-    scales for the whole tile."""
+             UNIT_TILE: tl.constexpr, ROWS: tl.constexpr, BN: tl.constexpr):
+    """float32 (BN, DP): tokens ``t`` (valid: ``tin``) x channels ``c`` of row ``r``, from the packed codes.
+
+    ``UNIT_TILE``: per-channel groups and the tile inside one unit (G a multiple of BN): one unit's scales
+    serve the whole tile. ``ROWS``: ``c`` is ``arange(D)``, D a power of two: each token's packed bytes are
+    read as one contiguous row (vector loads) and its codes spread in registers, in channel order;
+    otherwise every code is read at its own byte (any channel order: RoPE's partner channels).
+    """
     if UNIT_TILE:
-        u0 = tl.min(t, 0) // G
-        within = (t - u0 * G)[:, None] * D + c[None, :]
-        base = C + r * scr + u0.to(tl.int64) * scu
-        sidx = (u0 * ssu + c)[None, :]
-        valid_s = (tl.max(valid.to(tl.int32), 0) != 0)[None, :]
+        u = tl.min(t, 0) // G  # one unit for the tile
+        within_t = t - u * G
+        base_t = C + r * scr + u.to(tl.int64) * scu
+    elif AXIS == 0:  # per channel: a unit is G tokens
+        u = t // G
+        within_t = t - u * G
+        base_t = C + r * scr + u.to(tl.int64) * scu
+    else:  # per token: a unit is one token
+        u = t
+        within_t = tl.zeros_like(t)
+        base_t = C + r * scr + u.to(tl.int64) * scu
+    if ROWS:
+        if BITS == 3:  # eight codes per 24-bit word of three bytes
+            NW: tl.constexpr = D // 8
+            w = tl.arange(0, NW)
+            row = base_t + within_t * (D * 3 // 8)
+            ptr = row[:, None] + (w * 3)[None, :]
+            m = tin[:, None]
+            word = (tl.load(ptr, mask=m, other=0).to(tl.int32) | (tl.load(ptr + 1, mask=m, other=0).to(tl.int32) << 8)
+                    | (tl.load(ptr + 2, mask=m, other=0).to(tl.int32) << 16))
+            shift = tl.arange(0, 8) * 3
+            code = tl.reshape((word[:, :, None] >> shift[None, None, :]) & 7, [BN, D])
+        else:
+            PER: tl.constexpr = 8 // BITS
+            w = tl.arange(0, D // PER)
+            row = base_t + within_t * (D // PER)
+            byte = tl.load(row[:, None] + w[None, :], mask=tin[:, None], other=0).to(tl.int32)
+            if BITS == 8:
+                code = byte
+            else:
+                shift = tl.arange(0, PER) * BITS
+                code = tl.reshape((byte[:, :, None] >> shift[None, None, :]) & ((1 << BITS) - 1), [BN, D])
     else:
-        if AXIS == 0:  # per channel: a unit is G tokens, one scale per channel and unit
-            u = t // G
-            within = (t - u * G)[:, None] * D + c[None, :]
-            sidx = u[:, None] * ssu + c[None, :]
-        else:  # per token: a unit is one token, one scale per G channels
-            u = t
-            within = tl.zeros_like(t)[:, None] + c[None, :]
-            sidx = u[:, None] * ssu + (c // G)[None, :]
-        base = C + r * scr + u[:, None].to(tl.int64) * scu
-        valid_s = valid
-    if BITS == 8:
-        code = tl.load(base + within, mask=valid, other=0).to(tl.int32)
-    elif BITS == 3:  # eight codes per little-endian 24-bit word: a code may straddle two bytes
-        bit = within * 3
-        sh = bit & 7
-        b0 = tl.load(base + (bit >> 3), mask=valid, other=0).to(tl.int32)
-        b1 = tl.load(base + (bit >> 3) + 1, mask=valid & (sh > 5), other=0).to(tl.int32)
-        code = ((b0 | (b1 << 8)) >> sh) & 7
-    else:
-        bit = within * BITS
-        b0 = tl.load(base + (bit >> 3), mask=valid, other=0).to(tl.int32)
-        code = (b0 >> (bit & 7)) & ((1 << BITS) - 1)
+        if UNIT_TILE:
+            base = base_t
+        else:
+            base = base_t[:, None]
+        within = within_t[:, None] * D + c[None, :]
+        if BITS == 8:
+            code = tl.load(base + within, mask=valid, other=0).to(tl.int32)
+        elif BITS == 3:  # a code may straddle two bytes of its 24-bit word
+            bit = within * 3
+            sh = bit & 7
+            b0 = tl.load(base + (bit >> 3), mask=valid, other=0).to(tl.int32)
+            b1 = tl.load(base + (bit >> 3) + 1, mask=valid & (sh > 5), other=0).to(tl.int32)
+            code = ((b0 | (b1 << 8)) >> sh) & 7
+        else:
+            bit = within * BITS
+            b0 = tl.load(base + (bit >> 3), mask=valid, other=0).to(tl.int32)
+            code = (b0 >> (bit & 7)) & ((1 << BITS) - 1)
     if HAS_LUT:
         level = tl.load(LUT + code, mask=valid, other=0.0).to(tl.float32)
     else:
         level = code.to(tl.float32)
-    s = tl.load(S + r * ssr + sidx, mask=valid_s, other=0.0).to(tl.float32)
-    z = tl.load(Z + r * ssr + sidx, mask=valid_s, other=0.0).to(tl.float32)
+    srow = S + r * ssr
+    zrow = Z + r * ssr
+    if UNIT_TILE:  # one scale per channel for the tile
+        cm = (tl.max(valid.to(tl.int32), 0) != 0)[None, :]
+        s = tl.load(srow + u * ssu + c[None, :], mask=cm, other=0.0).to(tl.float32)
+        z = tl.load(zrow + u * ssu + c[None, :], mask=cm, other=0.0).to(tl.float32)
+    elif AXIS == 1 and ROWS:  # D // G scales per token, spread over their G channels
+        NG: tl.constexpr = D // G
+        g = tl.arange(0, NG)
+        sp = u[:, None] * ssu + g[None, :]
+        s = tl.load(srow + sp, mask=tin[:, None], other=0.0).to(tl.float32)
+        z = tl.load(zrow + sp, mask=tin[:, None], other=0.0).to(tl.float32)
+        s = tl.reshape(tl.broadcast_to(s[:, :, None], [BN, NG, G]), [BN, D])
+        z = tl.reshape(tl.broadcast_to(z[:, :, None], [BN, NG, G]), [BN, D])
+    elif AXIS == 0:
+        s = tl.load(srow + u[:, None] * ssu + c[None, :], mask=valid, other=0.0).to(tl.float32)
+        z = tl.load(zrow + u[:, None] * ssu + c[None, :], mask=valid, other=0.0).to(tl.float32)
+    else:
+        s = tl.load(srow + u[:, None] * ssu + (c // G)[None, :], mask=valid, other=0.0).to(tl.float32)
+        z = tl.load(zrow + u[:, None] * ssu + (c // G)[None, :], mask=valid, other=0.0).to(tl.float32)
     return level * s + z
 
 
@@ -140,8 +186,8 @@ def attend_kernel(
     MO, LO, AO,
     scale, nq, ql, heads, T, skip, body_col, body_pos, n_tiles, first_tile, tiles_per_split, n_splits, n_slots,
     D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, OB: tl.constexpr,
-    KBITS: tl.constexpr, KAXIS: tl.constexpr, KG: tl.constexpr, KLUT: tl.constexpr, KUT: tl.constexpr,
-    VBITS: tl.constexpr, VAXIS: tl.constexpr, VG: tl.constexpr, VLUT: tl.constexpr, VUT: tl.constexpr,
+    KBITS: tl.constexpr, KAXIS: tl.constexpr, KG: tl.constexpr, KLUT: tl.constexpr, KUT: tl.constexpr, KROWS: tl.constexpr,
+    VBITS: tl.constexpr, VAXIS: tl.constexpr, VG: tl.constexpr, VLUT: tl.constexpr, VUT: tl.constexpr, VROWS: tl.constexpr,
     QROT: tl.constexpr, ROPE: tl.constexpr, ROPE_H: tl.constexpr, RW: tl.constexpr,
     HAS_KO: tl.constexpr, HAS_VO: tl.constexpr, VSEP: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr, UP: tl.constexpr,
 ):
@@ -184,7 +230,7 @@ def attend_kernel(
             t = tile * BN + tl.arange(0, BN)
             tin = t < T
             kv = tin[:, None] & dm[None, :]
-            k = _dequant(KC, KS, KZ, KL, skc_r, skc_u, sks_r, sks_u, r, t, offs_d, kv, D, KBITS, KAXIS, KG, KLUT, KUT)
+            k = _dequant(KC, KS, KZ, KL, skc_r, skc_u, sks_r, sks_u, r, t, tin, offs_d, kv, D, KBITS, KAXIS, KG, KLUT, KUT, KROWS, BN)
             if ROPE:  # the leading RW channels rotate (partial rotary); past them cos = 1, sin = 0
                 rc = (body_pos + t)[:, None] * s_cos + offs_d[None, :]
                 rm = kv & (offs_d < RW)[None, :]
@@ -196,7 +242,8 @@ def attend_kernel(
                 else:  # rotate_half reads the partner channel: -x[c + RW/2] below half, x[c - RW/2] above
                     lower = offs_d < RW // 2
                     partner = tl.where(lower, offs_d + RW // 2, tl.where(offs_d < RW, offs_d - RW // 2, offs_d))
-                    kp = _dequant(KC, KS, KZ, KL, skc_r, skc_u, sks_r, sks_u, r, t, partner, kv, D, KBITS, KAXIS, KG, KLUT, KUT)
+                    kp = _dequant(KC, KS, KZ, KL, skc_r, skc_u, sks_r, sks_u, r, t, tin, partner, kv, D, KBITS, KAXIS, KG, KLUT,
+                                  KUT, False, BN)
                     k = k * cs + tl.where(lower, -kp, kp) * sn
             s = _mm(qk, tl.trans(k.to(DT)), PREC, UP)
             if HAS_KO:  # s[:, t] += q[:, c] a + q[:, partner(c)] b for each key outlier (t, c) of this row and tile
@@ -221,7 +268,7 @@ def attend_kernel(
                 mv = tl.load(MASK + bidx * sm_b + iq[:, None] * sm_q + (body_col + t)[None, :] * sm_k, mask=valid, other=0)
                 valid = valid & (mv != 0)
             p, alpha, m_i, l_i = _softmax_step(s, valid, m_i, l_i)
-            v = _dequant(VC, VS, VZ, VL, svc_r, svc_u, svs_r, svs_u, r, t, offs_d, kv, D, VBITS, VAXIS, VG, VLUT, VUT)
+            v = _dequant(VC, VS, VZ, VL, svc_r, svc_u, svs_r, svs_u, r, t, tin, offs_d, kv, D, VBITS, VAXIS, VG, VLUT, VUT, VROWS, BN)
             acc = acc * alpha[:, None] + _mm(p.to(DT), v.to(DT), PREC, UP)
             if VSEP:
                 accx = accx * alpha[:, None]
