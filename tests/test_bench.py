@@ -67,6 +67,10 @@ def test_tiny_bench_writes_table_csv_and_plot(tiny64_dir, text_file, tmp_path):
         assert float(r["decode_tok_s"]) > 0 and float(r["decode_ratio"]) > 0
         assert float(r["kv_bytes_prefill"]) > 0
     assert float(rows[0]["delta_ppl_pct"]) == 0
+    assert float(rows[0]["kl"]) == 0 and float(rows[0]["top1_agreement"]) == 1  # the reference is itself
+    assert all(float(r["kl"]) >= 0 and 0 < float(r["top1_agreement"]) <= 1 for r in rows[1:-1])
+    assert float(rows[1]["kl"]) > 0  # streamkv (KIVI keeps this tiny window in its full-precision residual)
+    assert "| KL | KL p99 | top-1 |" in table
     by = {r["method"]: r for r in rows}
     assert float(by["streamkv"]["avg_bits"]) < 8 < float(by["baseline"]["avg_bits"])
     assert float(by["streamkv"]["kv_bytes_prefill"]) < float(by["baseline"]["kv_bytes_prefill"]) / 4
