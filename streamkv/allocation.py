@@ -22,6 +22,7 @@ the higher width first. Everything is computed from the sequence itself, chunk b
 
 from __future__ import annotations
 
+import heapq
 import math
 from typing import Any
 
@@ -82,6 +83,9 @@ def check_budget(q: Any, head_dim: int | None = None) -> None:
     )
 
 
+Unit = tuple  # (kind, layer, row): row is a kv-head (x batch) index, or -1 for the whole layer
+
+
 class BudgetAllocator:
     """The per-sequence encoder of a budgeted quantizer; see the module docstring."""
 
@@ -89,14 +93,19 @@ class BudgetAllocator:
         self.q = quantizer
         self.num_layers = num_layers
         self.widths = sorted(quantizer.widths)
-        self.energy: dict[tuple[str, int], float] = {}  # unit -> smoothed deviation energy per token
-        self.table: dict[tuple[str, int], int] = {}  # unit -> width for the current round
+        self.per_head = quantizer.granularity == "head"
+        self.energy: dict[Unit, float] = {}  # unit -> smoothed deviation energy per token
+        self.table: dict[Unit, int] = {}  # unit -> width for the current round
         self.body_bits = 0.0  # codes, scales and zeros produced so far (exact: their bytes)
         self.extras_bits = 0.0  # sinks and outliers sent elsewhere so far (estimated from the masks)
         self.elements = 0  # elements compressed so far
         self.rounds = 0
-        self.meta: dict[str, float] = {}  # bits per element of scales/zeros, per kind (measured)
-        self.history: list[dict] = []  # per round: target code bits and the table (for reports)
+        self.code_target = float(self.widths[0])
+        self.rows = 1
+        self.history: list[dict] = []  # per round: target and realised mean code bits (for reports)
+        self._dist = {
+            k: {b: relative_distortion(getattr(quantizer, f"{k}_codebook"), b) for b in self.widths} for k in KINDS
+        }
 
     # -- the encoder interface ----------------------------------------------------------------------
     def encode_keys(self, x: torch.Tensor, exclude: torch.Tensor | None = None, layer: int = 0):
@@ -107,33 +116,42 @@ class BudgetAllocator:
     def encode_values(self, x: torch.Tensor, exclude: torch.Tensor | None = None, layer: int = 0):
         return self._encode("value", x, exclude, layer)
 
+    def _units(self, kind: str, layer: int) -> list[Unit]:
+        return [(kind, layer, r) for r in range(self.rows)] if self.per_head else [(kind, layer, -1)]
+
     def _encode(self, kind: str, x: torch.Tensor, exclude: torch.Tensor | None, layer: int):
-        unit = (kind, layer)
-        bits = self.table.get(unit)
-        if bits is None:  # a layer the round's table does not know (e.g. a first call not at layer 0)
-            bits = self._prior_width(kind)
-        self._observe(unit, x, exclude)
-        enc = self.q._encode(kind, x, exclude, bits)
-        numel = x.numel()
-        self.meta.setdefault(kind, 8 * enc.nbytes / numel - bits)
+        self._observe(kind, layer, x, exclude)
+        units = self._units(kind, layer)
+        if self.rounds == 1 or any(u not in self.table for u in units):
+            self._decide_causally(units)  # the first round: from the units seen so far
+        widths = [self.table[u] for u in units]
+        if len(widths) == 1:
+            enc = self.q._encode(kind, x, exclude, widths[0])
+        else:
+            from .quantizers.lloyd_max import split_rows
+
+            pick = lambda t, rows: t if t is None or rows is None else t[rows]  # noqa: E731
+            enc = split_rows(widths, lambda rows, b: self.q._encode(kind, pick(x, rows), pick(exclude, rows), b), x.shape[-1])
         self.body_bits += 8 * enc.nbytes
         self.extras_bits += self._extras_bits(x, exclude)
-        self.elements += numel
+        self.elements += x.numel()
         return enc
 
     # -- statistics ---------------------------------------------------------------------------------
-    def _observe(self, unit: tuple[str, int], x: torch.Tensor, exclude: torch.Tensor | None) -> None:
+    def _observe(self, kind: str, layer: int, x: torch.Tensor, exclude: torch.Tensor | None) -> None:
+        """Fold the block's deviation energy per token, ``E||x_t - mean||^2``, into each unit's statistic."""
         xf = x.float()
         if exclude is not None and bool(exclude.any()):
             keep = (~exclude).float()
-            n = keep.sum(1, keepdim=True).clamp_min(1)
-            mean = (xf * keep).sum(1, keepdim=True) / n
-            dev = ((xf - mean) * keep).square().sum() / keep.sum().clamp_min(1)
+            mean = (xf * keep).sum(1, keepdim=True) / keep.sum(1, keepdim=True).clamp_min(1)
+            dev = ((xf - mean) * keep).square().sum((1, 2)) / keep.sum((1, 2)).clamp_min(1)
         else:
-            dev = (xf - xf.mean(1, keepdim=True)).square().mean()
-        e = float(dev) * x.shape[-1]  # per token: E||x_t - mean||^2
-        old = self.energy.get(unit)
-        self.energy[unit] = e if old is None else (1 - _EMA) * old + _EMA * e
+            dev = (xf - xf.mean(1, keepdim=True)).square().mean((1, 2))
+        per_row = (dev * x.shape[-1]).tolist()
+        values = per_row if self.per_head else [sum(per_row) / len(per_row)]
+        for u, e in zip(self._units(kind, layer), values):
+            old = self.energy.get(u)
+            self.energy[u] = e if old is None else (1 - _EMA) * old + _EMA * e
 
     @staticmethod
     def _extras_bits(x: torch.Tensor, exclude: torch.Tensor | None) -> float:
@@ -146,64 +164,67 @@ class BudgetAllocator:
         return sink_elements * (8 + 32 / x.shape[-1]) + outliers * _OUTLIER_BITS
 
     # -- allocation ---------------------------------------------------------------------------------
-    def _prior_width(self, kind: str) -> int:
-        return self.table.get((kind, -1), self.widths[0])
+    def _all_units(self) -> list[Unit]:
+        return [u for layer in range(self.num_layers) for k in KINDS for u in self._units(k, layer)]
 
     def _new_round(self, x: torch.Tensor) -> None:
-        """Choose every unit's width for the round that starts with this block of layer 0's keys."""
-        units = [(k, layer) for layer in range(self.num_layers) for k in KINDS]
-        n_round = x.numel() * len(units)  # every layer and kind holds a block of this size
-        meta = {k: self.meta.get(k, metadata_bits(self.q, k, x.shape[-1])) for k in KINDS}
+        """The round that starts with this block of layer 0's keys: its code budget, and (once every
+        unit has statistics) every unit's width."""
+        self.rows = x.shape[0]
+        n_round = x.numel() * 2 * self.num_layers  # every layer and kind holds a block of this size
+        meta = sum(metadata_bits(self.q, k, x.shape[-1]) for k in KINDS) / 2
         extras_rate = self.extras_bits / self.elements if self.elements else 0.0
         spent = self.body_bits + self.extras_bits
         allowed = self.q.budget_bits * (self.elements + n_round) - spent - extras_rate * n_round
-        code_target = allowed / n_round - sum(meta.values()) / 2  # mean code bits per unit
-        self.table = self._solve(units, code_target)
-        for kind in KINDS:  # a layer outside the table (never with a whole model) takes layer 0's width
-            self.table[(kind, -1)] = self.table[(kind, 0)]
-        self.history.append({"round": self.rounds, "code_target": code_target,
-                             "mean_width": sum(self.table[u] for u in units) / len(units)})
+        self.code_target = allowed / n_round - meta  # mean code bits per unit this round
+        units = self._all_units()
+        self.table = self._solve(units, self.code_target) if all(u in self.energy for u in units) else {}
         self.rounds += 1
+        self.history.append({"round": self.rounds, "code_target": self.code_target})
 
-    def _weights(self, units: list[tuple[str, int]]) -> dict[tuple[str, int], float]:
+    def _decide_causally(self, units: list[Unit]) -> None:
+        """First round: the units seen so far are all there is; solve among them (these units included)
+        at the round's code target, and fix these units' widths."""
+        seen = [u for u in self._all_units() if u in self.energy]
+        solved = self._solve(seen, self.code_target)
+        for u in units:
+            self.table[u] = solved[u]
+
+    def _weights(self, units: list[Unit]) -> dict[Unit, float]:
         """Each unit's importance: its energy relative to its kind's mean, to ``sensitivity_power``,
-        times ``kind_weight`` for keys; 1 for units not seen yet."""
+        times ``kind_weight`` for keys."""
         out = {}
         for kind in KINDS:
-            es = [self.energy[u] for u in units if u[0] == kind and u in self.energy]
-            ref = sum(es) / len(es) if es else 0.0
+            mine = [u for u in units if u[0] == kind]
+            if not mine:
+                continue
+            ref = sum(self.energy[u] for u in mine) / len(mine)
             kw = self.q.kind_weight if kind == "key" else 1.0
-            for u in units:
-                if u[0] != kind:
-                    continue
-                e = self.energy.get(u)
-                rel = (e / ref) if (e is not None and ref > 0) else 1.0
-                out[u] = kw * rel ** self.q.sensitivity_power
+            for u in mine:
+                out[u] = kw * ((self.energy[u] / ref) if ref > 0 else 1.0) ** self.q.sensitivity_power
         return out
 
-    def _solve(self, units: list[tuple[str, int]], code_target: float) -> dict[tuple[str, int], int]:
-        """Greedy upgrades from the lowest width: the largest weighted error drop per extra bit first,
-        while the mean width stays within ``code_target``."""
+    def _solve(self, units: list[Unit], code_target: float) -> dict[Unit, int]:
+        """Greedy upgrades from the lowest width, the largest weighted error drop per extra bit first,
+        while the mean width stays within ``code_target`` (D is convex in b: the lower hull's optimum)."""
         w = self._weights(units)
-        dist = {k: {b: relative_distortion(getattr(self.q, f"{k}_codebook"), b) for b in self.widths} for k in KINDS}
         table = {u: self.widths[0] for u in units}
-        budget = code_target * len(units) - self.widths[0] * len(units)
-        order = {u: i for i, u in enumerate(units)}
-        while True:
-            best, best_gain, best_cost = None, 0.0, 0
-            for u in units:
-                b = table[u]
-                nxt = [c for c in self.widths if c > b]
-                if not nxt:
-                    continue
-                c = nxt[0]
-                cost = c - b
-                if cost > budget + 1e-9:
-                    continue
-                gain = w[u] * (dist[u[0]][b] - dist[u[0]][c]) / cost
-                if best is None or gain > best_gain * (1 + 1e-12) or (abs(gain - best_gain) <= 1e-12 * best_gain and order[u] < order[best]):
-                    best, best_gain, best_cost = u, gain, cost
-            if best is None:
-                return table
-            table[best] += best_cost
-            budget -= best_cost
+        budget = (code_target - self.widths[0]) * len(units)
+        nxt = {b: c for b, c in zip(self.widths, self.widths[1:])}
+        heap = []
+        for i, u in enumerate(units):
+            self._push(heap, u, i, table[u], w[u], nxt)
+        while heap:
+            _, i, u, b, c = heapq.heappop(heap)
+            if c - b > budget + 1e-9:
+                continue  # this unit's next step does not fit; cheaper steps of others may
+            table[u] = c
+            budget -= c - b
+            self._push(heap, u, i, c, w[u], nxt)
+        return table
+
+    def _push(self, heap: list, u: Unit, i: int, b: int, weight: float, nxt: dict) -> None:
+        c = nxt.get(b)
+        if c is not None:
+            d = self._dist[u[0]]
+            heapq.heappush(heap, (-weight * (d[b] - d[c]) / (c - b), i, u, b, c))

@@ -8,7 +8,7 @@ import torch
 from streamkv import CompressedCache, Compression, ConfigError
 from streamkv.codebooks import LLOYD_MAX_BITS, gaussian_mse, lloyd_max
 from streamkv.quantization import quantize
-from streamkv.quantizers.lloyd_max import Segments, decode_scale, encode_scale, quantize_lloyd_max
+from streamkv.quantizers.lloyd_max import RowSplit, Segments, decode_scale, encode_scale, quantize_lloyd_max
 from streamkv.streaming import compare_logprobs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -127,8 +127,22 @@ def test_budgeted_run_realises_its_average_bits(tiny64, budget):
 def test_budget_chooses_widths_per_layer_and_kind_and_keys_get_more(tiny64):
     cache, _ = _run(tiny64, {"name": "lloyd_max", "budget_bits": 3.5, "key_group_size": 32, "kind_weight": 4.0})
     table = cache.encoder.table
-    assert table[("key", 0)] >= table[("value", 0)] and table[("key", 1)] >= table[("value", 1)]
-    assert len({table[(k, layer)] for k in ("key", "value") for layer in (0, 1)}) > 1
+    assert table[("key", 0, -1)] >= table[("value", 0, -1)] and table[("key", 1, -1)] >= table[("value", 1, -1)]
+    assert len({table[(k, layer, -1)] for k in ("key", "value") for layer in (0, 1)}) > 1
+
+
+def test_per_head_widths_read_back_and_count(tiny_llama):
+    """Two kv heads at different widths in one block: stored apart, read back in place, widths counted."""
+    q = {"name": "lloyd_max", "budget_bits": 4.75, "key_group_size": 16, "granularity": "head"}
+    cache, res = _run(tiny_llama, q, n=256, chunk=32)
+    stats = cache.stats()
+    assert stats["avg_bits"] == pytest.approx(4.75, abs=0.05) and stats["kv_bytes"] == sum(t.nbytes for t in cache.tensors())
+    table = cache.encoder.table
+    assert {u[2] for u in table} == {0, 1}
+    bodies = [s.body for layer in cache.layers for s in (layer.k, layer.v)]
+    assert any(isinstance(p, RowSplit) for b in bodies for p in getattr(b, "parts", [b]))
+    ref, _ = _run(tiny_llama, {"name": "lloyd_max", "key_bits": 8, "value_bits": 8, "key_group_size": 16}, n=256, chunk=32)
+    assert res["kl"].mean() < 0.01
 
 
 def test_kl_grows_as_the_budget_shrinks(tiny64):

@@ -42,6 +42,7 @@ SCALES = ("rms", "absmax", "mse")
 SCALE_FORMATS = ("fp16", "log8")
 ZEROS = ("mean", "none")
 CODEBOOKS = ("lloyd_max", "minmax")
+GRANULARITIES = ("layer", "head")
 RECONSTRUCTIONS = ("centroid", "unbiased", "projection")
 _LOG_STEPS, _LOG_BIAS = 8, 160  # log8 scale = 2 ** ((code - _LOG_BIAS) / _LOG_STEPS)
 _MSE_GRID = (0.75, 0.82, 0.89, 0.95, 1.0, 1.06, 1.13, 1.22)  # candidate multiples of the RMS (scale=mse)
@@ -181,6 +182,61 @@ class Segments:
         return out
 
 
+@dataclass
+class RowSplit:
+    """One block whose rows (batch x kv-heads) are stored at different widths: ``widths`` (uint8, one
+    per row, held and counted) says which, each part holds the rows of one width."""
+
+    widths: torch.Tensor  # uint8 (rows,)
+    parts: list  # one encoding per distinct width, ascending, of the rows with that width
+    dim: int
+
+    @property
+    def tokens(self) -> int:
+        return self.parts[0].tokens
+
+    @property
+    def numel(self) -> int:
+        return sum(p.numel for p in self.parts)
+
+    @property
+    def nbytes(self) -> int:
+        return self.widths.nbytes + sum(p.nbytes for p in self.parts)
+
+    @property
+    def bits(self) -> int:
+        return max(int(b) for b in self.widths)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.widths] + [t for p in self.parts for t in p.tensors()]
+
+    def _rows(self) -> list[torch.Tensor]:
+        return [(self.widths == b).nonzero().squeeze(1) for b in torch.unique(self.widths).tolist()]
+
+    def append(self, other):
+        if _layout(other) == _layout(self):
+            return RowSplit(self.widths, [a.append(b) for a, b in zip(self.parts, other.parts)], self.dim)
+        return Segments([self]).append(other)
+
+    def dequantize(self, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+        if out is None:
+            out = torch.empty(self.widths.numel(), self.tokens, self.dim, dtype=dtype, device=self.widths.device)
+        for rows, p in zip(self._rows(), self.parts):
+            out.index_copy_(0, rows, p.dequantize(dtype))
+        return out
+
+
+def split_rows(widths: list[int], encode, dim: int) -> Any:
+    """``encode(rows, bits)`` for each distinct width of ``widths`` (one per row); a :class:`RowSplit`
+    unless every row has the same width."""
+    distinct = sorted(set(widths))
+    if len(distinct) == 1:
+        return encode(None, distinct[0])
+    w = torch.tensor(widths, dtype=torch.uint8)
+    parts = [encode((w == b).nonzero().squeeze(1), b) for b in distinct]
+    return RowSplit(w, parts, dim)
+
+
 def _prepare(x: torch.Tensor, exclude: torch.Tensor | None, rotated: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``x`` (rotated if asked) and the mask of values to leave out of the group statistics."""
     x = x.float()
@@ -267,6 +323,10 @@ def encode_minmax(
 
 def _layout(part) -> tuple:
     """Parts with equal layouts concatenate along tokens."""
+    if isinstance(part, Segments) and len(part.parts) == 1:
+        return _layout(part.parts[0])
+    if isinstance(part, RowSplit):
+        return ("rows", tuple(part.widths.tolist()), tuple(_layout(p) for p in part.parts))
     if isinstance(part, LloydMaxQuantized):
         return ("lloyd_max", *part.layout())
     inner = part.inner if isinstance(part, Rotated) else part
@@ -303,6 +363,7 @@ class LloydMaxQuantizer(GroupedQuantizer):
     reconstruction: str = "projection"
     budget_bits: Optional[float] = None
     widths: list[int] = field(default_factory=lambda: [2, 3, 4, 8])
+    granularity: str = "layer"
     kind_weight: float = 4.0
     sensitivity_power: float = 1.0
 
@@ -319,6 +380,7 @@ class LloydMaxQuantizer(GroupedQuantizer):
         one_of("quantizer.value_zero", self.value_zero, ZEROS)
         for b in self.widths:
             check_bits("quantizer.widths", b)
+        one_of("quantizer.granularity", self.granularity, GRANULARITIES)
         if self.budget_bits is not None:
             from ..allocation import check_budget
 
