@@ -257,7 +257,7 @@ def quantize_lloyd_max(
     axis: str,
     group_size: int,
     scale: str = "rms",
-    scale_format: str = "fp16",
+    scale_format: str = "log8",
     zero: bool = False,
     rotated: bool = True,
     exclude: torch.Tensor | None = None,
@@ -357,15 +357,15 @@ class LloydMaxQuantizer(GroupedQuantizer):
     key_codebook: str = "minmax"
     value_codebook: str = "lloyd_max"
     scale: str = "mse"
-    scale_format: str = "fp16"
+    scale_format: str = "log8"
     key_zero: str = "mean"
     value_zero: str = "none"
     reconstruction: str = "projection"
     budget_bits: Optional[float] = None
     widths: list[int] = field(default_factory=lambda: [2, 3, 4, 8])
-    granularity: str = "layer"
-    kind_weight: float = 4.0
-    sensitivity_power: float = 1.0
+    granularity: str = "head"
+    kind_weight: float = 8.0
+    sensitivity_power: float = 2.0
 
     def __post_init__(self) -> None:
         check_bits("quantizer.key_bits", self.key_bits)
