@@ -5,10 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from streamkv import CompressedCache, Compression, ConfigError
-from streamkv.codebooks import LLOYD_MAX_BITS, gaussian_mse, lloyd_max
-from streamkv.quantization import quantize
-from streamkv.quantizers.lloyd_max import RowSplit, Segments, decode_scale, encode_scale, quantize_lloyd_max
+from streamkv import CompressedCache, ConfigError
+from streamkv.compression import build_compression
+from streamkv.kv.codebooks import LLOYD_MAX_BITS, gaussian_mse, lloyd_max
+from streamkv.kv.quantization import quantize
+from streamkv.kv.rotation import Rotated
+from streamkv.kv.quantizers.lloyd_max import RowSplit, Segments, decode_scale, encode_scale, quantize_lloyd_max
 from streamkv.streaming import compare_logprobs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -71,7 +73,7 @@ def test_rotated_groups_read_back_close_and_sinks_do_not_set_the_scale():
 
 def test_segments_of_different_widths_read_back_in_order():
     x = torch.randn(3, 96, 64, generator=torch.Generator().manual_seed(3))
-    parts = [quantize_lloyd_max(x[:, i * 32 : (i + 1) * 32], b, "token", 64) for i, b in enumerate((4, 2, 4))]
+    parts = [quantize_lloyd_max(x[:, i * 32 : (i + 1) * 32], b, "token", 64, rotated=False) for i, b in enumerate((4, 2, 4))]
     s = parts[0].append(parts[1]).append(parts[2])
     assert isinstance(s, Segments) and len(s.parts) == 3 and s.tokens == 96
     want = torch.cat([p.dequantize(torch.float32) for p in parts], 1)
@@ -79,7 +81,7 @@ def test_segments_of_different_widths_read_back_in_order():
     s.dequantize(torch.float32, out=out[:, :96])
     assert torch.equal(out[:, :96], want) and torch.equal(s.dequantize(torch.float32), want)
     assert s.nbytes == sum(p.nbytes for p in parts)
-    same = parts[0].append(quantize_lloyd_max(x[:, :32], 4, "token", 64))  # equal layouts concatenate
+    same = parts[0].append(quantize_lloyd_max(x[:, :32], 4, "token", 64, rotated=False))  # equal layouts concatenate
     assert not isinstance(same, Segments) and same.tokens == 64
 
 
@@ -96,20 +98,20 @@ def test_segments_of_different_widths_read_back_in_order():
 )
 def test_bad_widths_and_budgets_are_one_line_errors(kwargs, match):
     with pytest.raises(ConfigError, match=match.replace("[", r"\[").replace("]", r"\]")) as e:
-        Compression({"name": "lloyd_max", **kwargs}, "none", "none")
+        build_compression({"name": "lloyd_max", **kwargs}, "none", "none")
     assert "\n" not in str(e.value)
 
 
 def test_a_budget_below_what_the_format_can_store_is_refused_once_the_head_is_known(tiny64):
-    comp = Compression({"name": "lloyd_max", "budget_bits": 2.1, "key_group_size": 32}, "none", "none")
-    with pytest.raises(ConfigError, match=r"budget_bits=2.1 cannot be realised .* allowed 2\.625 to 8\.625"):
+    comp = build_compression({"name": "lloyd_max", "budget_bits": 2.1, "key_group_size": 32}, "none", "none")
+    with pytest.raises(ConfigError, match=r"budget_bits=2.1 cannot be realised .* allowed 2\.562 to 8\.562"):
         CompressedCache.for_model(tiny64, comp, chunk_size=64)
 
 
 def _run(model, quantizer, n=512, chunk=64):
-    cache = CompressedCache.for_model(model, Compression(quantizer, "fixed", "ema_relative"), chunk_size=chunk)
+    cache = CompressedCache.for_model(model, build_compression(quantizer, "fixed", "ema_relative"), chunk_size=chunk)
     ids = torch.randint(0, 96, (n,), generator=torch.Generator().manual_seed(0))
-    ref = CompressedCache.for_model(model, Compression(), chunk_size=chunk)
+    ref = CompressedCache.for_model(model, build_compression(), chunk_size=chunk)
     res = compare_logprobs(model, ids, cache, ref, chunk)
     return cache, res
 
@@ -121,12 +123,12 @@ def test_budgeted_run_realises_its_average_bits(tiny64, budget):
     stats = cache.stats()
     assert stats["avg_bits"] == pytest.approx(budget, abs=0.05)
     assert stats["kv_bytes"] == sum(t.nbytes for t in cache.tensors())  # everything held is counted
-    assert cache.encoder.rounds == 512 // 64
+    assert cache.compression.quantizer.rounds == 512 // 64
 
 
 def test_budget_chooses_widths_per_layer_and_kind_and_keys_get_more(tiny64):
-    cache, _ = _run(tiny64, {"name": "lloyd_max", "budget_bits": 3.5, "key_group_size": 32, "kind_weight": 4.0})
-    table = cache.encoder.table
+    cache, _ = _run(tiny64, {"name": "lloyd_max", "budget_bits": 3.5, "key_group_size": 32, "kind_weight": 4.0, "granularity": "layer"})
+    table = cache.compression.quantizer.table
     assert table[("key", 0, -1)] >= table[("value", 0, -1)] and table[("key", 1, -1)] >= table[("value", 1, -1)]
     assert len({table[(k, layer, -1)] for k in ("key", "value") for layer in (0, 1)}) > 1
 
@@ -137,9 +139,9 @@ def test_per_head_widths_read_back_and_count(tiny_llama):
     cache, res = _run(tiny_llama, q, n=256, chunk=32)
     stats = cache.stats()
     assert stats["avg_bits"] == pytest.approx(4.75, abs=0.05) and stats["kv_bytes"] == sum(t.nbytes for t in cache.tensors())
-    table = cache.encoder.table
+    table = cache.compression.quantizer.table
     assert {u[2] for u in table} == {0, 1}
-    bodies = [s.body for layer in cache.layers for s in (layer.k, layer.v)]
+    bodies = [s.body.inner if isinstance(s.body, Rotated) else s.body for layer in cache.layers for s in (layer.k, layer.v)]
     assert any(isinstance(p, RowSplit) for b in bodies for p in getattr(b, "parts", [b]))
     ref, _ = _run(tiny_llama, {"name": "lloyd_max", "key_bits": 8, "value_bits": 8, "key_group_size": 16}, n=256, chunk=32)
     assert res["kl"].mean() < 0.01

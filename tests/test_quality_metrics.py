@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from streamkv.cache import new_cache
-from streamkv.compression import Compression
+from streamkv.context import new_cache
+from streamkv.compression import build_compression
 from streamkv.context import RunContext
 from streamkv.streaming import compare_logprobs, token_logprobs
 from streamkv.tasks.perplexity import Perplexity
@@ -22,7 +22,7 @@ class CharTokenizer:
 
 
 def run_ppl(model, quantizer, **task):
-    comp = Compression(quantizer, "none", "none")
+    comp = build_compression(quantizer, "none", "none")
     ctx = RunContext(model, CharTokenizer(), comp, 32, lambda: TEXT, progress=False)
     return Perplexity(window=128, max_windows=3, **task).run(ctx)["metrics"]
 
@@ -41,9 +41,9 @@ def test_uncompressed_run_has_kl_exactly_zero_and_full_agreement(tiny_llama):
 
 def test_a_real_reference_pass_through_an_uncompressed_cache_is_bit_identical(tiny_llama):
     ids = torch.randint(0, 96, (150,), generator=torch.Generator().manual_seed(0))
-    res = compare_logprobs(tiny_llama, ids, new_cache(tiny_llama, Compression(), 32), new_cache(tiny_llama, Compression(), 32), 32)
+    res = compare_logprobs(tiny_llama, ids, new_cache(tiny_llama, build_compression(), 32), new_cache(tiny_llama, build_compression(), 32), 32)
     assert torch.equal(res["kl"], torch.zeros(149)) and bool(res["top1"].all())
-    lp, _ = token_logprobs(tiny_llama, ids, new_cache(tiny_llama, Compression(), 32), 32)
+    lp, _ = token_logprobs(tiny_llama, ids, new_cache(tiny_llama, build_compression(), 32), 32)
     assert torch.equal(lp, res["logprobs"])  # the same tokens are scored as the perplexity protocol scores
 
 

@@ -10,11 +10,11 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 
-from ..context import RunContext
+from ..context import RunContext, new_cache
 from ..kv.errors import check, one_of
 from ..kv.model_facts import max_positions
 from ..registry import register
-from ..compression import Compression
+from ..kv.compression import Compression
 from ..streaming import compare_logprobs, token_logprobs, windows
 
 MODES = ("stream", "full")
@@ -104,6 +104,4 @@ class Perplexity:
         """An uncompressed cache for the reference pass (``None`` in ``mode=full``: one plain forward)."""
         if self.mode == "full":
             return None
-        from ..cache import new_cache
-
         return new_cache(ctx.model, Compression(), chunk)

@@ -2,7 +2,7 @@
 
 Each group (keys: one channel over ``key_group_size`` tokens, before RoPE; values: ``value_group_size``
 channels of one token) of the rotated head dimension is stored as b-bit indices into the fixed
-Lloyd-Max codebook of N(0, 1) (:mod:`streamkv.codebooks`), scaled by one statistic of the group and,
+Lloyd-Max codebook of N(0, 1) (:mod:`streamkv.kv.codebooks`), scaled by one statistic of the group and,
 where it pays, shifted by the group's mean:
 
 * ``scale``: ``rms`` (the group's root-mean-square deviation: the codebook is MSE-optimal for a
@@ -19,7 +19,7 @@ Values that are stored elsewhere (sinks, sparse outliers) take no part in the st
 rotation they are replaced by their channel's mean over the block (so they disturb no rotated
 coordinate), and whole tokens stored elsewhere (sinks) are left out of the group statistics.
 
-``budget_bits`` switches on mixed precision: see :mod:`streamkv.allocation`.
+``budget_bits`` switches on mixed precision: see :mod:`streamkv.kv.allocation`.
 """
 
 from __future__ import annotations
@@ -34,8 +34,7 @@ from ..codebooks import LLOYD_MAX_BITS, check_bits, gaussian_mse, lloyd_max, thr
 from ..errors import check, one_of
 from ..packing import pack, unpack
 from ..quantization import _MIN_SCALE, _as_units, quantize
-from ..registry import register
-from ..rotation import Rotated, hadamard, is_power_of_two
+from ..rotation import Rotated, hadamard_on, is_power_of_two
 from .per_token import GroupedQuantizer, group_for
 
 SCALES = ("rms", "absmax", "mse")
@@ -65,9 +64,8 @@ def decode_scale(stored: torch.Tensor, dtype: torch.dtype = torch.float32) -> to
 class LloydMaxQuantized:
     """Packed b-bit Lloyd-Max codes of ``(rows, tokens, dim)`` with one scale (and optional zero) per group.
 
-    Same interface as :class:`streamkv.quantization.Quantized`. The codebook is a constant of the bit
-    width (regenerated, like the Hadamard matrix), not cache state; ``rotated`` data reads back as
-    ``x H^T``.
+    The :class:`~streamkv.kv.contracts.StoredBlock` interface of :class:`~streamkv.kv.quantization.Quantized`.
+    The codebook is a constant of the bit width (regenerated, like the Hadamard matrix), not cache state.
     """
 
     codes: torch.Tensor  # uint8 (rows, units, packed bytes per unit)
@@ -77,7 +75,6 @@ class LloydMaxQuantized:
     axis: str
     group_size: int
     dim: int
-    rotated: bool
 
     @property
     def unit_tokens(self) -> int:
@@ -88,12 +85,8 @@ class LloydMaxQuantized:
         return self.codes.shape[1] * self.unit_tokens
 
     @property
-    def rows(self) -> int:
-        return self.codes.shape[0]
-
-    @property
     def numel(self) -> int:
-        return self.rows * self.tokens * self.dim
+        return self.codes.shape[0] * self.tokens * self.dim
 
     @property
     def nbytes(self) -> int:
@@ -101,9 +94,6 @@ class LloydMaxQuantized:
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.codes, self.scale, self.zero]
-
-    def layout(self) -> tuple:
-        return (self.bits, self.axis, self.group_size, self.dim, self.rotated, self.scale.dtype, self.zero.numel() > 0)
 
     def append(self, other):
         if _layout(other) == _layout(self):
@@ -115,9 +105,13 @@ class LloydMaxQuantized:
             )
         return Segments([self]).append(other)
 
-    def select_rows(self, index: torch.Tensor) -> "LloydMaxQuantized":
-        zero = self.zero[index] if self.zero.numel() else self.zero
-        return replace(self, codes=self.codes[index], scale=self.scale[index], zero=zero)
+    def slice_tokens(self, start: int, stop: int):
+        """Tokens ``[start, stop)``: views when both ends are on unit boundaries, else a reading slice."""
+        u = self.unit_tokens
+        if start % u or (stop % u and stop != self.tokens):
+            return _covering_slice(self, start, stop)
+        a, b = start // u, -(-stop // u)
+        return replace(self, codes=self.codes[:, a:b], scale=self.scale[:, a:b], zero=self.zero[:, a:b] if self.zero.numel() else self.zero)
 
     def dequantize(self, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
         rows, units, _ = self.codes.shape
@@ -128,16 +122,46 @@ class LloydMaxQuantized:
         if self.zero.numel():
             x.add_(self.zero.to(dtype))
         x = x.view(rows, units * self.unit_tokens, self.dim)
-        if self.rotated:
-            x = x @ hadamard(self.dim).to(x.device, dtype).T
-        if out is None:
-            return x
-        return out.copy_(x)
+        return x if out is None else out.copy_(x)
+
+
+@dataclass
+class TokenSlice:
+    """Tokens ``offset .. offset + length`` of ``block`` (whose groups span more tokens): a reader's view."""
+
+    block: Any
+    offset: int
+    length: int
+
+    @property
+    def tokens(self) -> int:
+        return self.length
+
+    @property
+    def dim(self) -> int:
+        return self.block.dim
+
+    @property
+    def codes(self) -> torch.Tensor:
+        return self.block.codes
+
+    def slice_tokens(self, start: int, stop: int) -> "TokenSlice":
+        return TokenSlice(self.block, self.offset + start, stop - start)
+
+    def dequantize(self, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.block.dequantize(dtype)[:, self.offset : self.offset + self.length]
+        return x if out is None else out.copy_(x)
+
+
+def _covering_slice(block, start: int, stop: int) -> TokenSlice:
+    u = getattr(block, "unit_tokens", 1)
+    a, b = start // u * u, min(block.tokens, -(-stop // u) * u)
+    return TokenSlice(block.slice_tokens(a, b), start - a, stop - start)
 
 
 @dataclass
 class Segments:
-    """Consecutive token ranges stored in different formats (a bit width that changed mid-stream)."""
+    """Consecutive token ranges stored in different layouts (a width that changed mid-stream)."""
 
     parts: list = field(default_factory=list)
 
@@ -146,16 +170,21 @@ class Segments:
         return sum(p.tokens for p in self.parts)
 
     @property
+    def dim(self) -> int:
+        return self.parts[0].dim
+
+    @property
+    def codes(self) -> torch.Tensor:
+        """The first part's codes (where the data lives, for readers that ask)."""
+        return self.parts[0].codes
+
+    @property
     def numel(self) -> int:
         return sum(p.numel for p in self.parts)
 
     @property
     def nbytes(self) -> int:
         return sum(p.nbytes for p in self.parts)
-
-    @property
-    def bits(self) -> int:
-        return self.parts[-1].bits
 
     def tensors(self) -> list[torch.Tensor]:
         return [t for p in self.parts for t in p.tensors()]
@@ -169,8 +198,15 @@ class Segments:
                 parts.append(o)
         return Segments(parts)
 
-    def select_rows(self, index: torch.Tensor) -> "Segments":
-        return Segments([p.select_rows(index) for p in self.parts])
+    def slice_tokens(self, start: int, stop: int) -> "Segments":
+        out, t0 = [], 0
+        for p in self.parts:
+            t1 = t0 + p.tokens
+            a, b = max(start, t0), min(stop, t1)
+            if a < b:
+                out.append(_slice(p, a - t0, b - t0))
+            t0 = t1
+        return Segments(out)
 
     def dequantize(self, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
         if out is None:
@@ -196,16 +232,16 @@ class RowSplit:
         return self.parts[0].tokens
 
     @property
+    def codes(self) -> torch.Tensor:
+        return self.parts[0].codes
+
+    @property
     def numel(self) -> int:
         return sum(p.numel for p in self.parts)
 
     @property
     def nbytes(self) -> int:
         return self.widths.nbytes + sum(p.nbytes for p in self.parts)
-
-    @property
-    def bits(self) -> int:
-        return max(int(b) for b in self.widths)
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.widths] + [t for p in self.parts for t in p.tensors()]
@@ -218,12 +254,23 @@ class RowSplit:
             return RowSplit(self.widths, [a.append(b) for a, b in zip(self.parts, other.parts)], self.dim)
         return Segments([self]).append(other)
 
+    def slice_tokens(self, start: int, stop: int) -> "RowSplit":
+        return RowSplit(self.widths, [_slice(p, start, stop) for p in self.parts], self.dim)
+
     def dequantize(self, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
         if out is None:
-            out = torch.empty(self.widths.numel(), self.tokens, self.dim, dtype=dtype, device=self.widths.device)
+            out = torch.empty(self.widths.numel(), self.tokens, self.dim, dtype=dtype, device=self.codes.device)
         for rows, p in zip(self._rows(), self.parts):
-            out.index_copy_(0, rows, p.dequantize(dtype))
+            out.index_copy_(0, rows.to(out.device), p.dequantize(dtype))
         return out
+
+
+def _slice(part, start: int, stop: int):
+    """``part.slice_tokens`` where the ends fall on its group boundaries, else a covering reading slice."""
+    u = getattr(part, "unit_tokens", 1)
+    if isinstance(part, (Segments, RowSplit)) or (start % u == 0 and (stop % u == 0 or stop == part.tokens)):
+        return part.slice_tokens(start, stop)
+    return _covering_slice(part, start, stop)
 
 
 def split_rows(widths: list[int], encode, dim: int) -> Any:
@@ -234,6 +281,8 @@ def split_rows(widths: list[int], encode, dim: int) -> Any:
         return encode(None, distinct[0])
     w = torch.tensor(widths, dtype=torch.uint8)
     parts = [encode((w == b).nonzero().squeeze(1), b) for b in distinct]
+    if all(isinstance(p, Rotated) for p in parts):  # one rotation outside: readers move it to the query
+        return Rotated(RowSplit(w, [p.inner for p in parts], dim))
     return RowSplit(w, parts, dim)
 
 
@@ -241,14 +290,14 @@ def _prepare(x: torch.Tensor, exclude: torch.Tensor | None, rotated: bool) -> tu
     """``x`` (rotated if asked) and the mask of values to leave out of the group statistics."""
     x = x.float()
     if exclude is None or not bool(exclude.any()):
-        return (x @ hadamard(x.shape[-1]).to(x.device) if rotated else x), None
+        return (x @ hadamard_on(x.shape[-1], x.device, x.dtype) if rotated else x), None
     if not rotated:
         return x, exclude
     keep = ~exclude
     mean = (x * keep).sum(1, keepdim=True) / keep.sum(1, keepdim=True).clamp_min(1)
     x = torch.where(exclude, mean, x)  # stored elsewhere: overwritten on read, so make it harmless
     whole = exclude.all(-1, keepdim=True)  # whole tokens (sinks) stay out of the statistics
-    return x @ hadamard(x.shape[-1]).to(x.device), (whole.expand_as(x) if bool(whole.any()) else None)
+    return x @ hadamard_on(x.shape[-1], x.device, x.dtype), (whole.expand_as(x) if bool(whole.any()) else None)
 
 
 def quantize_lloyd_max(
@@ -308,32 +357,33 @@ def quantize_lloyd_max(
         s_rec = masked(d * d).sum(r, keepdim=True) / dc.clamp_min(1e-30)
         s_stored = torch.where(dc > 0, encode_scale(s_rec, scale_format), s_stored)
     codes = codes.to(torch.uint8)
-    return LloydMaxQuantized(pack(codes.flatten(2), bits), s_stored, z, bits, axis, group_size, dim, rotated)
+    block = LloydMaxQuantized(pack(codes.flatten(2), bits), s_stored, z, bits, axis, group_size, dim)
+    return Rotated(block) if rotated else block
 
 
 def encode_minmax(
     x: torch.Tensor, bits: int, axis: str, group_size: int, rotated: bool = True, exclude: torch.Tensor | None = None
 ):
-    """Min-max groups (:func:`streamkv.quantization.quantize`: an fp16 scale and zero per group) of the
+    """Min-max groups (:func:`streamkv.kv.quantization.quantize`: an fp16 scale and zero per group) of the
     rotated ``x``, with the same handling of values stored elsewhere as :func:`quantize_lloyd_max`."""
     x, leave_out = _prepare(x, exclude, rotated)
-    q = quantize(x, bits, axis, group_size, leave_out)
-    return Segments([Rotated(q) if rotated else q])  # appends like the codebook groups (widths may change)
+    block = Segments([quantize(x, bits, axis, group_size, leave_out)])  # appends across widths like the codebook groups
+    return Rotated(block) if rotated else block
 
 
 def _layout(part) -> tuple:
     """Parts with equal layouts concatenate along tokens."""
+    if isinstance(part, Rotated):
+        return ("rotated", _layout(part.inner))
     if isinstance(part, Segments) and len(part.parts) == 1:
         return _layout(part.parts[0])
     if isinstance(part, RowSplit):
         return ("rows", tuple(part.widths.tolist()), tuple(_layout(p) for p in part.parts))
     if isinstance(part, LloydMaxQuantized):
-        return ("lloyd_max", *part.layout())
-    inner = part.inner if isinstance(part, Rotated) else part
-    return (type(part).__name__, inner.bits, inner.axis, inner.group_size, inner.dim)
+        return ("lloyd_max", part.bits, part.axis, part.group_size, part.dim, part.scale.dtype, part.zero.numel() > 0)
+    return (type(part).__name__, part.bits, part.axis, part.group_size, part.dim)
 
 
-@register("quantizer", "lloyd_max")
 @dataclass
 class LloydMaxQuantizer(GroupedQuantizer):
     """b-bit Lloyd-Max codebook groups after a Hadamard rotation (see the module docstring).
@@ -405,15 +455,15 @@ class LloydMaxQuantizer(GroupedQuantizer):
             getattr(self, f"{kind}_zero") == "mean", getattr(self, f"rotate_{kind}s"), exclude, self.reconstruction,
         )
 
-    def encode_keys(self, x: torch.Tensor, exclude: torch.Tensor | None = None, layer: int = 0):
+    def encode_keys(self, x: torch.Tensor, exclude: torch.Tensor | None = None, *, layer: int = 0):
         return self._encode("key", x, exclude, self.key_bits)
 
-    def encode_values(self, x: torch.Tensor, exclude: torch.Tensor | None = None, layer: int = 0):
+    def encode_values(self, x: torch.Tensor, exclude: torch.Tensor | None = None, *, layer: int = 0):
         return self._encode("value", x, exclude, self.value_bits)
 
     def for_stream(self, num_layers: int) -> Any:
-        """The encoder one cache (one sequence) uses: this quantizer, or with ``budget_bits`` a
-        per-sequence allocator that picks each layer's widths online."""
+        """What one cache (one sequence) encodes with (:class:`~streamkv.kv.contracts.PerSequence`): this
+        quantizer, or with ``budget_bits`` a per-sequence allocator that picks the widths online."""
         if self.budget_bits is None:
             return self
         from ..allocation import BudgetAllocator

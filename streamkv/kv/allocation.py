@@ -1,8 +1,10 @@
-"""Mixed precision without calibration: per-layer key and value widths chosen online under a bit budget.
+"""Mixed precision without calibration: key and value widths per layer and kv head chosen online under a
+bit budget.
 
-A :class:`BudgetAllocator` is the per-sequence encoder of a quantizer with ``budget_bits`` (one per
-cache, from the quantizer's ``for_stream``). It is told each layer's index and keeps, per *unit*
-(layer x kind), a statistic of the stream: the energy of the block's deviations from their channel
+A :class:`BudgetAllocator` is the per-sequence quantizer of a ``lloyd_max`` quantizer with
+``budget_bits`` (one per cache, from its ``for_stream``: :class:`~streamkv.kv.contracts.PerSequence`).
+It is told each layer's index and keeps, per *unit* (layer x kind, x kv head with
+``granularity=head``), a statistic of the stream: the energy of the block's deviations from their channel
 means, ``E||x_t - mean||^2`` (keys before RoPE, as they are stored), smoothed across chunks. The
 absolute error a b-bit group leaves is that energy times the codebook's relative distortion D(b); a
 unit's importance is its energy relative to the mean of its kind, raised to ``sensitivity_power``
@@ -107,13 +109,30 @@ class BudgetAllocator:
             k: {b: relative_distortion(getattr(quantizer, f"{k}_codebook"), b) for b in self.widths} for k in KINDS
         }
 
-    # -- the encoder interface ----------------------------------------------------------------------
-    def encode_keys(self, x: torch.Tensor, exclude: torch.Tensor | None = None, layer: int = 0):
+    # -- the Quantizer contract (geometry and checks are the budgeted quantizer's) ----------------------
+    enabled = True
+
+    @property
+    def pre_rope(self) -> bool:
+        return self.q.pre_rope
+
+    @property
+    def residual_length(self) -> int:
+        return self.q.residual_length
+
+    @property
+    def token_block(self) -> int:
+        return self.q.token_block
+
+    def check_shapes(self, head_dim: int, chunk_size: int | None) -> None:
+        self.q.check_shapes(head_dim, chunk_size)
+
+    def encode_keys(self, x: torch.Tensor, exclude: torch.Tensor | None = None, *, layer: int = 0):
         if layer == 0:
             self._new_round(x)
         return self._encode("key", x, exclude, layer)
 
-    def encode_values(self, x: torch.Tensor, exclude: torch.Tensor | None = None, layer: int = 0):
+    def encode_values(self, x: torch.Tensor, exclude: torch.Tensor | None = None, *, layer: int = 0):
         return self._encode("value", x, exclude, layer)
 
     def _units(self, kind: str, layer: int) -> list[Unit]:
