@@ -395,6 +395,7 @@ def run_bench(cfg: BenchConfig | DictConfig, run_dir: str | os.PathLike, command
                 ctx = RunContext(model, tokenizer, compression, cfg.chunk_size, lambda: text, progress=cfg.progress)
                 res = ptask.run(ctx)
                 row.update(ppl=res["metrics"]["ppl"], ppl_tokens=res["metrics"]["tokens"], ppl_seconds=res["speed"]["seconds"])
+                row.update({k: res["metrics"][k] for k in ("kl", "kl_p99", "top1_agreement") if k in res["metrics"]})
                 stats = res.get("compression") or {}
                 for k in ("avg_key_bits", "avg_value_bits", "avg_bits", "kv_bytes", "kv_bytes_fp16", "compression_ratio",
                           "key_outlier_fraction", "value_outlier_fraction"):
@@ -453,7 +454,7 @@ def run_bench(cfg: BenchConfig | DictConfig, run_dir: str | os.PathLike, command
 
 # -- reports ----------------------------------------------------------------------------------------
 CSV_FIELDS = [
-    "method", "bits", "status", "ppl", "delta_ppl_pct", "avg_key_bits", "avg_value_bits", "avg_bits", "kv_bytes",
+    "method", "bits", "status", "ppl", "delta_ppl_pct", "kl", "kl_p99", "top1_agreement", "avg_key_bits", "avg_value_bits", "avg_bits", "kv_bytes",
     "kv_bytes_fp16", "compression_ratio", "key_outlier_fraction", "value_outlier_fraction", "kv_bytes_prefill",
     "kv_bytes_prefill_fp16", "prefill_tok_s", "prefill_ratio", "decode_tok_s", "decode_ratio", "peak_rss_mib",
     "peak_rss_delta_mib", "cuda_peak_mib", "ppl_tokens", "ppl_seconds", "seconds", "label", "overrides", "error",
@@ -487,16 +488,19 @@ def markdown(rows: list[dict], reference: dict | None, meta: dict, cfg: BenchCon
         f"{_fmt_load(meta['load_average_start'])} at start, {_fmt_load(meta['load_average_end'])} at end",
         f"- perplexity: streaming protocol, windows of {p['window']} tokens fed in chunks of {p['chunk_size']}, "
         f"{p['max_windows']} windows; Δppl against `{cfg.reference}`. Bits and KV MiB: the cache after one window, "
-        "counted from the tensors it holds (codes, scales, zeros, sinks, outliers with indices, full-precision residual).",
+        "counted from the tensors it holds (codes, scales, zeros, sinks, outliers with indices, full-precision residual). "
+        "KL: mean KL(P_uncompressed || P_method) of the next-token distributions per scored token (nats), against an "
+        "uncompressed pass over the same windows and chunks in the same run; p99 its 99th percentile; top-1: the "
+        "fraction of tokens whose argmax agrees.",
         f"- speed: prefill of a {p['prefill_tokens']}-token prompt in chunks of {p['chunk_size']} (last logits only); "
         f"decode of {p['decode_tokens']} greedy tokens x batch {p.get('decode_batch', 1)} at a {p['decode_context']}-token context; medians of "
         f"{p['repeats']} runs. ×ref = median of per-run ratios to transformers' DynamicCache run just before "
         "(higher is faster). Peak RSS: the process's peak resident memory during the first long prefill "
         "(model weights included; Δ = above the resident memory at its start).",
         "",
-        "| method | bits | K bits | V bits | KV MiB @window | ×smaller vs fp16 | ppl | Δppl | KV MiB @prefill | "
-        "prefill tok/s | ×ref | decode tok/s | ×ref | peak RSS MiB (Δ) | status |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| method | bits | K bits | V bits | KV MiB @window | ×smaller vs fp16 | ppl | Δppl | KL | KL p99 | top-1 | "
+        "KV MiB @prefill | prefill tok/s | ×ref | decode tok/s | ×ref | peak RSS MiB (Δ) | status |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows + ([reference] if reference else []):
         status = r.get("status", "reference")
@@ -517,6 +521,9 @@ def markdown(rows: list[dict], reference: dict | None, meta: dict, cfg: BenchCon
                 _fmt(r.get("compression_ratio"), ".2f"),
                 _fmt(r.get("ppl"), ".3f"),
                 "—" if delta is None else f"{delta:+.2f}%",
+                _fmt(r.get("kl"), ".4f"),
+                _fmt(r.get("kl_p99"), ".3f"),
+                _fmt(r.get("top1_agreement"), ".4f"),
                 _fmt(mib(r.get("kv_bytes_prefill")), ".2f"),
                 _fmt(r.get("prefill_tok_s"), ".0f"),
                 _fmt(r.get("prefill_ratio"), ".2f"),

@@ -9,6 +9,7 @@ from .kv.attention import AutoBackend, DenseBackend, FusedBackend, TritonBackend
 from .kv.outliers.ema_relative import EmaRelativeOutliers
 from .kv.outliers.none import NoOutliers
 from .kv.outliers.topk import TopKOutliers
+from .kv.quantizers.lloyd_max import LloydMaxQuantizer
 from .kv.quantizers.none import NoQuantizer
 from .kv.quantizers.nonuniform import NonUniformQuantizer
 from .kv.quantizers.per_token import IntPerTokenQuantizer
@@ -22,6 +23,7 @@ BUILTINS = {
     ("quantizer", "uniform"): UniformQuantizer,
     ("quantizer", "nonuniform"): NonUniformQuantizer,
     ("quantizer", "int_per_token"): IntPerTokenQuantizer,
+    ("quantizer", "lloyd_max"): LloydMaxQuantizer,
     ("sink", "none"): NoSinks,
     ("sink", "fixed"): FixedSinks,
     ("outlier", "none"): NoOutliers,

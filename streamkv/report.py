@@ -17,7 +17,8 @@ from .results import FAILED, RESULTS, read_json
 
 OK, FAILED_STATUS, INCOMPLETE = "ok", "failed", "incomplete"
 COLUMNS = ("job", "status", "quantizer", "sink", "outlier", "variant", "chunk", "key_bits", "value_bits",
-           "avg_bits", "ppl", "delta_ppl", "delta_pct", "compression_ratio", "tokens_per_s", "error")
+           "avg_bits", "ppl", "delta_ppl", "delta_pct", "kl", "kl_p99", "top1_agreement", "compression_ratio",
+           "tokens_per_s", "error")
 
 
 @dataclass
@@ -125,6 +126,7 @@ def rows(jobs: list[Job], baseline: Optional[Job] = None) -> list[dict[str, Any]
             "value_bits": quant.get("value_bits"),
             "avg_bits": job.avg_bits,
             "ppl": job.ppl,
+            **{k: job.results.get("metrics", {}).get(k) for k in ("kl", "kl_p99", "top1_agreement")},
             "compression_ratio": job.results.get("compression", {}).get("compression_ratio"),
             "tokens_per_s": job.results.get("speed", {}).get("prefill_tokens_per_s"),
             "error": job.error,
@@ -148,10 +150,10 @@ def _fmt(value: Any, signed: bool = False) -> str:
 def markdown(name: str, table: list[dict], baseline_label: Optional[str]) -> str:
     ok = [r for r in table if r["status"] == OK]
     bad = [r for r in table if r["status"] != OK]
-    head = ("job", "quantizer", "sink", "outlier", "K bits", "V bits", "avg bits", "ppl", "Δppl", "Δ%", "ratio",
-            "tok/s")
+    head = ("job", "quantizer", "sink", "outlier", "K bits", "V bits", "avg bits", "ppl", "Δppl", "Δ%", "KL",
+            "KL p99", "top-1", "ratio", "tok/s")
     keys = ("job", "quantizer", "sink", "outlier", "key_bits", "value_bits", "avg_bits", "ppl", "delta_ppl",
-            "delta_pct", "compression_ratio", "tokens_per_s")
+            "delta_pct", "kl", "kl_p99", "top1_agreement", "compression_ratio", "tokens_per_s")
     lines = [
         f"# Sweep report: {name}",
         "",
@@ -200,22 +202,28 @@ def _pyplot():
 
 
 def plot_pareto(path: Path, name: str, table: list[dict]) -> bool:
+    """Perplexity against average bits with its Pareto front, and beside it the same for the mean KL
+    divergence from the uncompressed model when the jobs measured it."""
     pts = [(r["avg_bits"], r["ppl"], r["job"]) for r in table if r["status"] == OK and r["avg_bits"] and r["ppl"]]
     if not pts:
         return False
+    kl_pts = [(r["avg_bits"], r["kl"], r["job"]) for r in table
+              if r["status"] == OK and r["avg_bits"] and r.get("kl") is not None and r["kl"] > 0]
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.scatter([p[0] for p in pts], [p[1] for p in pts], color="tab:blue", zorder=3)
-    for bits, ppl, label in pts:
-        ax.annotate(label, (bits, ppl), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    front = pareto_front([(b, p) for b, p, _ in pts])
-    ax.step([f[0] for f in front], [f[1] for f in front], where="post", color="tab:red", label="Pareto front")
-    ppls = [p[1] for p in pts]
-    if max(ppls) / min(ppls) > 3:
-        ax.set_yscale("log")
-    ax.set(xlabel="average bits per K/V element", ylabel="perplexity", title=f"{name}: perplexity vs bits")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    fig, axes = plt.subplots(1, 2 if kl_pts else 1, figsize=(12 if kl_pts else 7, 4.5), squeeze=False)
+    panels = [(axes[0][0], pts, "perplexity")] + ([(axes[0][1], kl_pts, "mean KL vs uncompressed (nats)")] if kl_pts else [])
+    for ax, ps, ylabel in panels:
+        ax.scatter([p[0] for p in ps], [p[1] for p in ps], color="tab:blue", zorder=3)
+        for bits, y, label in ps:
+            ax.annotate(label, (bits, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        front = pareto_front([(b, y) for b, y, _ in ps])
+        ax.step([f[0] for f in front], [f[1] for f in front], where="post", color="tab:red", label="Pareto front")
+        ys = [p[1] for p in ps]
+        if ylabel.startswith("mean KL") or max(ys) / min(ys) > 3:
+            ax.set_yscale("log")
+        ax.set(xlabel="average bits per K/V element", ylabel=ylabel, title=f"{name}: {ylabel.split(' (')[0]} vs bits")
+        ax.grid(alpha=0.3)
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -58,6 +58,79 @@ def token_logprobs(
 
 
 @torch.inference_mode()
+def compare_logprobs(
+    model: torch.nn.Module,
+    ids: torch.Tensor,
+    cache,
+    reference,
+    chunks: Sequence[int] | int,
+    reference_chunks: Sequence[int] | int | None = None,
+) -> dict[str, torch.Tensor]:
+    """Score ``ids`` (1-D) through ``cache`` like :func:`token_logprobs` and compare each scored
+    next-token distribution with the one of ``reference`` (e.g. an uncompressed cache; ``None`` = one
+    forward without a cache) fed the same tokens in ``reference_chunks`` (default: ``chunks``).
+
+    Both passes advance in lockstep, so only one chunk of logits per pass is held. Returns per scored
+    token (the tokens :func:`token_logprobs` scores without ``prev_logits``): ``logprobs`` (of the
+    target under ``cache``), ``kl`` = KL(P_reference || P_cache) in nats, and ``top1`` (the two
+    argmaxes agree), and ``seconds``: the time of the forwards through ``cache`` alone.
+    With identical logits ``kl`` is exactly 0 and ``top1`` all true.
+    """
+    import time
+
+    device = next(model.parameters()).device
+    ids = ids.to(device)
+    lengths = chunk_lengths(len(ids), chunks) if isinstance(chunks, int) else list(chunks)
+    if reference_chunks is None:
+        reference_chunks = lengths
+    ref_lengths = chunk_lengths(len(ids), reference_chunks) if isinstance(reference_chunks, int) else list(reference_chunks)
+    ref_bounds = [0]
+    for n in ref_lengths:
+        ref_bounds.append(ref_bounds[-1] + n)
+    ref_logits: torch.Tensor | None = None  # the reference's logits from ref_start on
+    ref_start, ref_next = 0, 0
+    out: dict[str, list[torch.Tensor]] = {"logprobs": [], "kl": [], "top1": []}
+    prev, prev_ref, start, seconds = None, None, 0, 0.0
+
+    def reference_logits(lo: int, hi: int) -> torch.Tensor:
+        """The reference's logits at positions [lo, hi), running its forwards as far as needed."""
+        nonlocal ref_logits, ref_start, ref_next
+        while ref_bounds[ref_next] < hi:
+            a, b = ref_bounds[ref_next], ref_bounds[ref_next + 1]
+            logits = model(input_ids=ids[a:b].unsqueeze(0), cache=reference, use_cache=reference is not None).logits[0]
+            if ref_logits is None or ref_start + ref_logits.shape[0] <= lo:
+                ref_logits, ref_start = logits, a
+            else:
+                keep = ref_logits[lo - ref_start :]
+                ref_logits, ref_start = torch.cat([keep, logits]), lo
+            ref_next += 1
+        return ref_logits[lo - ref_start : hi - ref_start]
+
+    for n in lengths:
+        chunk = ids[start : start + n]
+        t0 = time.perf_counter()
+        logits = model(input_ids=chunk.unsqueeze(0), cache=cache, use_cache=True).logits[0]
+        seconds += time.perf_counter() - t0
+        ref = reference_logits(start, start + n)
+        if prev is not None:
+            logits_for, ref_for, targets = torch.cat([prev.unsqueeze(0), logits[:-1]]), torch.cat([prev_ref.unsqueeze(0), ref[:-1]]), chunk
+        else:
+            logits_for, ref_for, targets = logits[:-1], ref[:-1], chunk[1:]
+        if len(targets):
+            logp = torch.log_softmax(logits_for.float(), -1)
+            logq = torch.log_softmax(ref_for.float(), -1)
+            out["logprobs"].append(logp.gather(1, targets.unsqueeze(1)).squeeze(1))
+            out["kl"].append((logq.exp() * (logq - logp)).sum(-1).clamp_min_(0.0))
+            out["top1"].append(logp.argmax(-1) == logq.argmax(-1))
+        prev, prev_ref = logits[-1], ref[-1]
+        start += n
+    empty = {"logprobs": torch.float32, "kl": torch.float32, "top1": torch.bool}
+    res = {k: torch.cat(v) if v else torch.zeros(0, dtype=empty[k], device=device) for k, v in out.items()}
+    res["seconds"] = seconds
+    return res
+
+
+@torch.inference_mode()
 def prefill(model: torch.nn.Module, ids: torch.Tensor, cache, chunks: Sequence[int] | int, batch: int = 1) -> torch.Tensor:
     """Feed ``ids`` (1-D; the same prompt ``batch`` times) through ``cache`` in ``chunks`` like
     :func:`token_logprobs`, but compute only the last position's logits (what a serving prefill does);

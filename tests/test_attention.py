@@ -23,6 +23,8 @@ QUANTIZERS = {
     "uniform_residual": {"name": "uniform", "residual_length": 20, "pre_rope": False, "rotate_keys": True, **Q},
     "nonuniform": {"name": "nonuniform", "pre_rope": False, **Q},
     "int_per_token": {"name": "int_per_token", "key_bits": 8, "value_bits": 2},
+    "lloyd_max": {"name": "lloyd_max", "key_bits": 3, "value_bits": 2, **Q},
+    "lloyd_max_budget_per_head": {"name": "lloyd_max", "budget_bits": 5.0, **Q},
 }
 SINKS = {"none": "none", "fixed8": "fixed", "fixed16": {"name": "fixed", "size": 3, "key_bits": 16, "value_bits": 16}}
 OUTLIERS = {"none": "none", "ema": {"name": "ema_relative", "values": True}, "topk": {"name": "topk", "fraction": 0.02}}

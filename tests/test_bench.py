@@ -42,8 +42,9 @@ def test_plan_runs_the_reference_first_and_filters_widths():
     assert [j.speed for j in jobs] == [True, False, True]  # single-width methods are always timed
     speed_only = bench.plan(bench_config(["run=[kivi]", "bits=[4]", "measure=[decode]"]))
     assert [(j.method, j.bits) for j in speed_only] == [("kivi", 4)]  # no Δppl, no reference run
-    full = bench.plan(bench_config())
-    assert {j.method for j in full} == set(cfg.methods) and len(full) == 1 + 3 + 3 + 3 + 2 + 3 + 3 + 2 + 3 + 1
+    full_cfg = bench_config()
+    full = bench.plan(full_cfg)
+    assert {j.method for j in full} == set(full_cfg.run) and len(full) == 1 + 3 + 3 + 3 + 2 + 3 + 3 + 2 + 3 + 1  # streamkv_post_rope: on demand
 
 
 def test_tiny_bench_writes_table_csv_and_plot(tiny64_dir, text_file, tmp_path):
@@ -67,6 +68,10 @@ def test_tiny_bench_writes_table_csv_and_plot(tiny64_dir, text_file, tmp_path):
         assert float(r["decode_tok_s"]) > 0 and float(r["decode_ratio"]) > 0
         assert float(r["kv_bytes_prefill"]) > 0
     assert float(rows[0]["delta_ppl_pct"]) == 0
+    assert float(rows[0]["kl"]) == 0 and float(rows[0]["top1_agreement"]) == 1  # the reference is itself
+    assert all(float(r["kl"]) >= 0 and 0 < float(r["top1_agreement"]) <= 1 for r in rows[1:-1])
+    assert float(rows[1]["kl"]) > 0  # streamkv (KIVI keeps this tiny window in its full-precision residual)
+    assert "| KL | KL p99 | top-1 |" in table
     by = {r["method"]: r for r in rows}
     assert float(by["streamkv"]["avg_bits"]) < 8 < float(by["baseline"]["avg_bits"])
     assert float(by["streamkv"]["kv_bytes_prefill"]) < float(by["baseline"]["kv_bytes_prefill"]) / 4

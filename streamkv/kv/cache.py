@@ -15,6 +15,7 @@ it), and layers that reuse another layer's KV (Gemma-4) are transformers' ``Dumm
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -22,6 +23,7 @@ from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, Cache
 
 from .attention import AutoBackend, DenseBackend, interface, resolve
 from .compression import Compression
+from .contracts import PerSequence
 from .errors import ConfigError, check
 from .layer import CompressedLayer
 from .model_facts import FULL, LINEAR, SLIDING, ModelFacts, facts_of, rotary_module
@@ -49,6 +51,9 @@ class CompressedCache(Cache):
         """``facts`` lay the layers out (``ropes``: each rotary layer's table for pre-RoPE keys);
         without them, ``num_layers`` full-attention layers share ``rope``."""
         pre_rope = compression.enabled and compression.quantizer.pre_rope
+        if compression.enabled and isinstance(compression.quantizer, PerSequence):  # state of this sequence's own
+            n = len(facts.layers) if facts is not None else (num_layers or 0)
+            compression = replace(compression, quantizer=compression.quantizer.for_stream(n))
         self.compression = compression
         self.backend = backend  # None: layers return dense K/V (for a model that attends with plain SDPA)
         self.facts = facts

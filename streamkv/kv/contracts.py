@@ -60,6 +60,14 @@ class Quantizer(Protocol):
 
 
 @runtime_checkable
+class PerSequence(Protocol):
+    """A quantizer that keeps state per sequence (e.g. bit widths allocated online from the stream's
+    statistics): each cache encodes with a quantizer of its own, ``for_stream(num_layers)``."""
+
+    def for_stream(self, num_layers: int) -> Quantizer: ...
+
+
+@runtime_checkable
 class SinkPolicy(Protocol):
     """The first ``size`` tokens, kept per token at ``key_bits``/``value_bits`` (16 = fp16)."""
 

@@ -10,11 +10,12 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 
-from ..context import RunContext
+from ..context import RunContext, new_cache
 from ..kv.errors import check, one_of
 from ..kv.model_facts import max_positions
 from ..registry import register
-from ..streaming import token_logprobs, windows
+from ..kv.compression import Compression
+from ..streaming import compare_logprobs, token_logprobs, windows
 
 MODES = ("stream", "full")
 
@@ -28,11 +29,20 @@ class Perplexity:
     headline protocol). ``mode=full`` runs each window in one forward pass; with compression on, every
     key and value of the window goes through quantize-dequantize inside that pass (KVQuant's
     simulated protocol, for comparison with published tables).
+
+    ``kl=true`` also measures how far the compressed model's next-token distributions are from the
+    uncompressed model's on the same windows and chunks: each window also runs through an uncompressed
+    cache, in lockstep (one chunk of reference logits held at a time), and the run reports the mean
+    KL(P_uncompressed || P_compressed) per scored token (``kl``, nats), its 99th percentile
+    (``kl_p99``) and the fraction of tokens whose argmax agrees (``top1_agreement``). Without
+    compression the run is its own reference (KL 0, agreement 1) and no second pass is made.
+    ``kl=false`` skips the reference pass (about half the cost of a compressed pass).
     """
 
     window: int = 2048
     max_windows: Optional[int] = 8
     mode: str = "stream"
+    kl: bool = True
 
     def __post_init__(self) -> None:
         check(self.window >= 2, f"task.window={self.window} must be >= 2")
@@ -58,21 +68,48 @@ class Perplexity:
         chunk = ctx.chunk_size if self.mode == "stream" else self.window
         wins = list(windows(ids, self.window, self.max_windows))
         nll, count, seconds = 0.0, 0, 0.0
+        kls, top1 = [], []
         for w in tqdm(wins, desc=f"perplexity ({self.mode})", unit="window", disable=not ctx.progress):
             if self.mode == "full" and not ctx.compression.enabled:
                 cache = None
             else:
                 cache = ctx.new_cache(quantize_own_chunk=self.mode == "full", chunk_size=chunk)
+            chunks = chunk if cache is not None else [len(w)]
             t0 = time.perf_counter()
-            lp, _ = token_logprobs(ctx.model, w, cache, chunk if cache is not None else [len(w)])
-            seconds += time.perf_counter() - t0
+            if self.kl and ctx.compression.enabled:
+                reference = self._reference_cache(ctx, chunk)
+                res = compare_logprobs(ctx.model, w, cache, reference, chunks, chunks if reference is not None else [len(w)])
+                lp = res["logprobs"]
+                kls.append(res["kl"])
+                top1.append(res["top1"])
+                seconds += res["seconds"]  # the compressed forwards only
+            else:
+                lp, _ = token_logprobs(ctx.model, w, cache, chunks)
+                seconds += time.perf_counter() - t0
+                if self.kl:  # uncompressed: the run is its own reference
+                    kls.append(torch.zeros_like(lp))
+                    top1.append(torch.ones_like(lp, dtype=torch.bool))
             nll -= lp.sum().item()
             count += lp.numel()
+        metrics = {"ppl": math.exp(nll / count), "nll": nll / count, "tokens": count, "windows": len(wins)}
+        if self.kl:
+            kl = torch.cat(kls).double()
+            metrics.update(
+                kl=kl.mean().item(),
+                kl_p99=torch.quantile(kl, 0.99).item(),
+                top1_agreement=torch.cat(top1).double().mean().item(),
+            )
         result = {
-            "metrics": {"ppl": math.exp(nll / count), "nll": nll / count, "tokens": count, "windows": len(wins)},
+            "metrics": metrics,
             "speed": {"seconds": seconds, "prefill_tokens_per_s": len(wins) * self.window / seconds},
         }
         stats = ctx.compression_stats()
         if stats is not None:
             result["compression"] = stats
         return result
+
+    def _reference_cache(self, ctx: RunContext, chunk: int):
+        """An uncompressed cache for the reference pass (``None`` in ``mode=full``: one plain forward)."""
+        if self.mode == "full":
+            return None
+        return new_cache(ctx.model, Compression(), chunk)
