@@ -22,7 +22,7 @@ from typing import NoReturn
 
 import hydra._internal.utils as _hydra_utils
 from hydra.errors import CompactHydraException, MissingConfigException
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from streamkv import jobdir, rundir
 from streamkv.kv.errors import ConfigError
@@ -43,16 +43,15 @@ def one_line(e: BaseException) -> str:
         return f"{group}={option} is not an option of '{group}'; choose one of {sorted(e.options)}"
     if not isinstance(e, USAGE):
         os_error = _os_error(e)
-        if os_error is not None:
-            return _os_line(os_error)
-        line = (str(e).strip().splitlines() or [""])[0]
+        key = _output_dir_key(os_error)
+        if key:
+            return f"{key} cannot be written ({_what(os_error)}); choose a writable directory"
+        what = _what(os_error) if os_error is not None else f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
         where = getattr(e, "failed_json", None)
-        hint = f"the traceback is in {where}" if where else "HYDRA_FULL_ERROR=1 shows the traceback"
-        return f"{type(e).__name__}: {line} ({hint})"
+        return f"{what} ({f'the traceback is in {where}' if where else 'HYDRA_FULL_ERROR=1 shows the traceback'})"
     cause = e.__cause__
-    if isinstance(cause, OmegaConfBaseException) and getattr(cause, "key", None) and valid_keys(cause.object_type):
-        if "not in" in str(cause):  # an unknown key of a typed node
-            return unknown_key(cause.full_key, cause.object_type)
+    if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and valid_keys(cause.object_type):
+        return unknown_key(cause.full_key, cause.object_type)  # an unknown key of a typed node
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     if isinstance(cause, OmegaConfBaseException):
         lines += [ln.strip() for ln in str(cause).splitlines() if ln.strip()][:1]
@@ -91,12 +90,8 @@ def _output_dir_key(e: OSError | None) -> str | None:
     return f"{key}={path}" if os.path.commonpath([path, failed]) in (path, failed) else None
 
 
-def _os_line(e: OSError) -> str:
-    what = f"{e.strerror or e}: {os.fsdecode(e.filename)}" if e.filename is not None else str(e)
-    key = _output_dir_key(e)
-    if key:
-        return f"{key} cannot be written ({what}); choose a writable directory"
-    return what
+def _what(e: OSError) -> str:
+    return f"{e.strerror or e}: {os.fsdecode(e.filename)}" if e.filename is not None else f"{type(e).__name__}: {e}"
 
 
 class _Signals:

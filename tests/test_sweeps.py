@@ -49,7 +49,7 @@ def compose_sweep(name: str, overrides: list[str] = ()):
         GlobalHydra.instance().clear()
 
 
-@pytest.mark.parametrize("name", ["ablation", "bits", "chunk", "tune", "pareto"])
+@pytest.mark.parametrize("name", ["ablation", "bits", "chunk", "tune", "pareto", "codebooks"])
 def test_every_sweep_composes_as_a_multirun_named_after_itself(name, monkeypatch):
     monkeypatch.syspath_prepend(str(REPO))  # our Optuna sweeper lives in ./hydra_plugins
     import hydra_plugins.streamkv_optuna_sweeper.config  # noqa: F401

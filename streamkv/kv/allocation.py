@@ -140,10 +140,7 @@ class BudgetAllocator:
 
     def _encode(self, kind: str, x: torch.Tensor, exclude: torch.Tensor | None, layer: int):
         self._observe(kind, layer, x, exclude)
-        units = self._units(kind, layer)
-        if self.rounds == 1 or any(u not in self.table for u in units):
-            self._decide_causally(units)  # the first round: from the units seen so far
-        widths = [self.table[u] for u in units]
+        widths = self._widths(kind, layer)
         if len(widths) == 1:
             enc = self.q._encode(kind, x, exclude, widths[0])
         else:
@@ -155,6 +152,13 @@ class BudgetAllocator:
         self.extras_bits += self._extras_bits(x, exclude)
         self.elements += x.numel()
         return enc
+
+    def _widths(self, kind: str, layer: int) -> list[int]:
+        """The widths of this layer's units of ``kind`` (one, or one per row with ``granularity=head``)."""
+        units = self._units(kind, layer)
+        if self.rounds == 1 or any(u not in self.table for u in units):
+            self._decide_causally(units)  # the first round: from the units seen so far
+        return [self.table[u] for u in units]
 
     # -- statistics ---------------------------------------------------------------------------------
     def _observe(self, kind: str, layer: int, x: torch.Tensor, exclude: torch.Tensor | None) -> None:
