@@ -170,6 +170,20 @@ def test_byte_per_code_reads_match_dense(model, name, monkeypatch):
     compare(model, CASES[name], ids, steps=2)
 
 
+def test_storage_without_a_kernel_is_read_by_fused(model, monkeypatch):
+    """A block class the kernels do not read (lloyd_max's codebook blocks) sends the forward to ``fused``."""
+    pytest.importorskip("hydra", reason="the lloyd_max quantizer is built through the registry here")
+    from streamkv.kv.attention import fused
+
+    calls = []
+    attend = fused.FusedBackend.attend
+    monkeypatch.setattr(fused.FusedBackend, "attend", lambda self, *a: calls.append(1) or attend(self, *a))
+    ids = torch.randint(0, 128, (1, 40), generator=torch.Generator().manual_seed(8)).to(DEVICE)
+    q = {"name": "lloyd_max", "key_bits": 3, "value_bits": 2, "key_group_size": 16, "value_group_size": 16}
+    compare(model, (q, "fixed", "none", 16, {}), ids, steps=2)
+    assert calls
+
+
 def _llama(kv_heads: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 
