@@ -1,6 +1,6 @@
 """Run a catalogue of bad inputs and faults through the runners and check that each ends cleanly.
 
-    python tools/fault_catalogue.py              # every case (about 10 minutes on 2 busy CPU cores)
+    python tools/fault_catalogue.py              # every case (19 minutes measured on 2 busy CPU cores)
     python tools/fault_catalogue.py signal net   # only the cases whose name contains one of these words
     python tools/fault_catalogue.py --list
 
