@@ -85,6 +85,7 @@ class BenchConfig:
     speed_bits: Optional[list[int]] = None  # measure speed/memory only at these widths (null = all)
     methods: dict[str, MethodSpec] = field(default_factory=dict)
     threads: Optional[int] = None  # torch.set_num_threads; null = torch's default
+    kl_cache_mb: int = 1024  # reference log-probs kept across methods (KL needs them; 2 windows of SmolLM2 fit)
     seed: int = 0
     progress: bool = True
 
@@ -367,7 +368,7 @@ def run_bench(cfg: BenchConfig | DictConfig, run_dir: str | os.PathLike, command
             f"exceeds the model's {limit} positions",
         )
     prompt = ids[:n_prompt]
-    ptask = Perplexity(window=cfg.window, max_windows=cfg.max_windows, mode="stream")
+    ptask = Perplexity(window=cfg.window, max_windows=cfg.max_windows, mode="stream", kl_cache_mb=cfg.kl_cache_mb)
 
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     revision = git_revision()  # at the start: the code that runs (compositions are re-read per job)

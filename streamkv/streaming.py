@@ -65,6 +65,8 @@ def compare_logprobs(
     reference,
     chunks: Sequence[int] | int,
     reference_chunks: Sequence[int] | int | None = None,
+    reference_logprobs: list[torch.Tensor] | None = None,
+    keep_reference: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Score ``ids`` (1-D) through ``cache`` like :func:`token_logprobs` and compare each scored
     next-token distribution with the one of ``reference`` (e.g. an uncompressed cache; ``None`` = one
@@ -75,6 +77,10 @@ def compare_logprobs(
     target under ``cache``), ``kl`` = KL(P_reference || P_cache) in nats, and ``top1`` (the two
     argmaxes agree), and ``seconds``: the time of the forwards through ``cache`` alone.
     With identical logits ``kl`` is exactly 0 and ``top1`` all true.
+
+    ``keep_reference=True`` also returns ``reference``: the reference's log-probabilities of the scored
+    positions, one tensor per chunk, which a later call over the same ids and chunks takes as
+    ``reference_logprobs`` instead of running the reference again (a benchmark compares many caches).
     """
     import time
 
@@ -89,8 +95,8 @@ def compare_logprobs(
         ref_bounds.append(ref_bounds[-1] + n)
     ref_logits: torch.Tensor | None = None  # the reference's logits from ref_start on
     ref_start, ref_next = 0, 0
-    out: dict[str, list[torch.Tensor]] = {"logprobs": [], "kl": [], "top1": []}
-    prev, prev_ref, start, seconds = None, None, 0, 0.0
+    out: dict[str, list[torch.Tensor]] = {"logprobs": [], "kl": [], "top1": [], "reference": []}
+    prev, prev_ref, start, seconds, ref_for = None, None, 0, 0.0, None
 
     def reference_logits(lo: int, hi: int) -> torch.Tensor:
         """The reference's logits at positions [lo, hi), running its forwards as far as needed."""
@@ -111,22 +117,31 @@ def compare_logprobs(
         t0 = time.perf_counter()
         logits = model(input_ids=chunk.unsqueeze(0), cache=cache, use_cache=True).logits[0]
         seconds += time.perf_counter() - t0
-        ref = reference_logits(start, start + n)
+        i = len(out["logprobs"])
+        if reference_logprobs is None:
+            ref = reference_logits(start, start + n)
+            ref_for = ref[:-1] if prev is None else torch.cat([prev_ref.unsqueeze(0), ref[:-1]])
         if prev is not None:
-            logits_for, ref_for, targets = torch.cat([prev.unsqueeze(0), logits[:-1]]), torch.cat([prev_ref.unsqueeze(0), ref[:-1]]), chunk
+            logits_for, targets = torch.cat([prev.unsqueeze(0), logits[:-1]]), chunk
         else:
-            logits_for, ref_for, targets = logits[:-1], ref[:-1], chunk[1:]
+            logits_for, targets = logits[:-1], chunk[1:]
         if len(targets):
             logp = torch.log_softmax(logits_for.float(), -1)
-            logq = torch.log_softmax(ref_for.float(), -1)
+            logq = torch.log_softmax(ref_for.float(), -1) if reference_logprobs is None else reference_logprobs[i]
+            if keep_reference:
+                out["reference"].append(logq)
             out["logprobs"].append(logp.gather(1, targets.unsqueeze(1)).squeeze(1))
             out["kl"].append((logq.exp() * (logq - logp)).sum(-1).clamp_min_(0.0))
             out["top1"].append(logp.argmax(-1) == logq.argmax(-1))
-        prev, prev_ref = logits[-1], ref[-1]
+        prev = logits[-1]
+        if reference_logprobs is None:
+            prev_ref = ref[-1]
         start += n
     empty = {"logprobs": torch.float32, "kl": torch.float32, "top1": torch.bool}
-    res = {k: torch.cat(v) if v else torch.zeros(0, dtype=empty[k], device=device) for k, v in out.items()}
+    res = {k: torch.cat(v) if v else torch.zeros(0, dtype=empty[k], device=device) for k, v in out.items() if k in empty}
     res["seconds"] = seconds
+    if keep_reference:
+        res["reference"] = out["reference"]
     return res
 
 

@@ -60,3 +60,14 @@ def test_kl_can_be_turned_off(tiny_llama):
     m = run_ppl(tiny_llama, uniform(4), kl=False)
     assert "kl" not in m and "top1_agreement" not in m and m["ppl"] > 1
     assert m["ppl"] == pytest.approx(run_ppl(tiny_llama, uniform(4))["ppl"], rel=1e-6)
+
+
+def test_reference_kept_across_runs_gives_the_same_kl(tiny_llama):
+    comp = build_compression(uniform(3), "none", "none")
+    ctx = RunContext(tiny_llama, CharTokenizer(), comp, 32, lambda: TEXT, progress=False)
+    task = Perplexity(window=128, max_windows=3, kl_cache_mb=64)
+    first = task.run(ctx)["metrics"]
+    assert len(task._kept()) == 3
+    again = task.run(ctx)["metrics"]  # from the kept reference: no reference forwards
+    assert again == first
+    assert Perplexity(window=128, max_windows=3).run(ctx)["metrics"] == first

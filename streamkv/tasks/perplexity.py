@@ -43,6 +43,7 @@ class Perplexity:
     max_windows: Optional[int] = 8
     mode: str = "stream"
     kl: bool = True
+    kl_cache_mb: int = 0  # keep the reference's log-probs of up to this many MiB for later runs of this task object
 
     def __post_init__(self) -> None:
         check(self.window >= 2, f"task.window={self.window} must be >= 2")
@@ -77,8 +78,14 @@ class Perplexity:
             chunks = chunk if cache is not None else [len(w)]
             t0 = time.perf_counter()
             if self.kl and ctx.compression.enabled:
-                reference = self._reference_cache(ctx, chunk)
-                res = compare_logprobs(ctx.model, w, cache, reference, chunks, chunks if reference is not None else [len(w)])
+                key = (self.mode, chunk, len(w), hash(tuple(w.tolist())))
+                stored = self._kept().get(key)
+                keep = stored is None and self._room(w, ctx)
+                reference = None if stored is not None else self._reference_cache(ctx, chunk)
+                res = compare_logprobs(ctx.model, w, cache, reference, chunks, chunks if reference is not None else [len(w)],
+                                       reference_logprobs=stored, keep_reference=keep)
+                if keep:
+                    self._kept()[key] = res["reference"]
                 lp = res["logprobs"]
                 kls.append(res["kl"])
                 top1.append(res["top1"])
@@ -107,6 +114,17 @@ class Perplexity:
         if stats is not None:
             result["compression"] = stats
         return result
+
+    def _kept(self) -> dict:
+        if "_references" not in self.__dict__:
+            self.__dict__["_references"] = {}
+        return self.__dict__["_references"]
+
+    def _room(self, w: torch.Tensor, ctx: RunContext) -> bool:
+        """Whether one more window of reference log-probs fits in ``kl_cache_mb``."""
+        vocab = ctx.model.get_output_embeddings().weight.shape[0]
+        per_window = (len(w) - 1) * vocab * 4
+        return (len(self._kept()) + 1) * per_window <= self.kl_cache_mb * 2**20
 
     def _reference_cache(self, ctx: RunContext, chunk: int):
         """An uncompressed cache for the reference pass (``None`` in ``mode=full``: one plain forward)."""
