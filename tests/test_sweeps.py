@@ -80,7 +80,7 @@ def test_unknown_sweep_is_a_one_line_error(capsys):
     with pytest.raises(SystemExit) as e:
         main(["nope"])
     err = capsys.readouterr().err
-    assert e.value.code == 2 and err.count("\n") == 1 and "'ablation', 'bits', 'chunk', 'tune'" in err
+    assert e.value.code == 2 and err.count("\n") == 1 and "'ablation', 'bits', 'chunk', 'codebooks', 'pareto', 'tune'" in err
 
 
 def test_job_dir_names_are_one_safe_path_component():
