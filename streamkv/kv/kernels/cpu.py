@@ -81,6 +81,13 @@ def _build(BITS: int, HAS_LUT: bool, CHANNEL: bool):
                 buf[m] = lut[np.int32(buf[m])]
 
     @njit(inline="always")
+    def span(job, t0, t1):
+        """The row and token range ``[a, b)`` of one parallel job: rows x CHUNKS jobs over ``[t0, t1)``."""
+        size = (t1 - t0 + CHUNKS - 1) // CHUNKS
+        ch = job % CHUNKS
+        return job // CHUNKS, t0 + ch * size, min(t1, t0 + (ch + 1) * size)
+
+    @njit(inline="always")
     def to_words(x, out):
         """``x`` (n, dim) into word layout ``out`` (n, dim): column ``(c % PER) * words + c // PER``."""
         words = x.shape[1] // PER
@@ -94,11 +101,8 @@ def _build(BITS: int, HAS_LUT: bool, CHANNEL: bool):
         rows, nq, dim = q.shape
         words = dim // PER
         ngroups = dim // group
-        n = t1 - t0
-        size = (n + CHUNKS - 1) // CHUNKS
         for job in prange(rows * CHUNKS):
-            r, ch = job // CHUNKS, job % CHUNKS
-            a, b = t0 + ch * size, min(t1, t0 + (ch + 1) * size)
+            r, a, b = span(job, t0, t1)
             buf = np.empty(dim, np.float32)
             qp = np.empty((nq, dim), np.float32)
             to_words(q[r], qp)
@@ -151,11 +155,8 @@ def _build(BITS: int, HAS_LUT: bool, CHANNEL: bool):
         dim = parts.shape[-1]
         words = dim // PER
         ngroups = dim // group
-        n = t1 - t0
-        size = (n + CHUNKS - 1) // CHUNKS
         for job in prange(rows * CHUNKS):
-            r, ch = job // CHUNKS, job % CHUNKS
-            a, b = t0 + ch * size, min(t1, t0 + (ch + 1) * size)
+            r, a, b = span(job, t0, t1)
             buf = np.empty(dim, np.float32)
             acc = np.zeros((nq, dim), np.float32)  # word layout: Σ p·s·code (token axis), Σ p·code (channel axis)
             unit_acc = np.zeros((nq, dim), np.float32)
@@ -198,7 +199,7 @@ def _build(BITS: int, HAS_LUT: bool, CHANNEL: bool):
                             acc[j, m] += pj * w[m]
                         for g in range(ngroups):
                             zacc[j, g] += pj * zero[r, t, g]
-            out = parts[r, ch]
+            out = parts[r, job % CHUNKS]
             for j in range(nq):
                 for c in range(dim):
                     m = (c % PER) * words + c // PER
