@@ -4,9 +4,10 @@ One 2048-token window of wikitext-2 goes through SmolLM2-135M once; hooks keep e
 (after RoPE), keys (before RoPE, as the cache stores them) and values. Each kind is then quantized at
 2, 3 and 4 bits, both ways, after the Hadamard rotation:
 
-* keys per channel over 128 tokens: min-max (fp16 scale and zero) or Lloyd-Max (fp16 mean, one log8
-  scale, the least-squares scale among candidates, projection reconstruction);
-* values per token over the head (64): min-max (fp16 scale and zero) or Lloyd-Max (one log8 scale).
+* keys per channel over 128 (or 256) tokens: min-max (fp16 scale and zero) or Lloyd-Max (the
+  least-squares scale among candidates, projection reconstruction) with and without a mean;
+* values per token over the head (64): min-max (fp16 scale and zero) or Lloyd-Max with an fp16 or a
+  log8 scale, with and without a mean.
 
 It prints, per kind and width, the relative squared error of the stored values and the relative error
 of the attention output of the last chunk's queries over the quantized history (the first 1536
@@ -89,32 +90,44 @@ def main() -> None:
     h = hadamard_on(k.shape[-1], k.device, k.dtype)
     flat = lambda x: x.reshape(-1, x.shape[2], x.shape[3])  # noqa: E731  (layers x heads, tokens, dim)
 
-    def quantized(kind: str, codebook: str, bits: int, x: torch.Tensor) -> torch.Tensor:
-        hist = flat(x[:, :, :HISTORY])
-        if codebook == "minmax":
-            axis, g = ("channel", 128) if kind == "keys" else ("token", 64)
-            y = quantize(rotate(hist), bits, axis, g).dequantize(torch.float32) @ h.T
-        elif kind == "keys":
-            y = quantize_lloyd_max(hist, bits, "channel", 128, "mse", "log8", True, True, None, "projection").dequantize(torch.float32)
-        else:
-            y = quantize_lloyd_max(hist, bits, "token", 64, "mse", "log8", False, True, None, "projection").dequantize(torch.float32)
-        y = y.reshape(x.shape[0], x.shape[1], HISTORY, x.shape[3])
+    def lm(axis, g, fmt, zero):
+        return lambda hist, bits: quantize_lloyd_max(hist, bits, axis, g, "mse", fmt, zero, True, None, "projection").dequantize(torch.float32)
+
+    def minmax(axis, g):
+        return lambda hist, bits: quantize(rotate(hist), bits, axis, g).dequantize(torch.float32) @ h.T
+
+    formats = {  # kind -> (label, metadata bits per element, quantize-dequantize of the history)
+        "keys": [
+            ("min-max, 128 tokens, fp16 scale + zero", 32 / 128, minmax("channel", 128)),
+            ("min-max, 256 tokens, fp16 scale + zero", 32 / 256, minmax("channel", 256)),
+            ("Lloyd-Max, 128 tokens, fp16 mean + log8 scale", 24 / 128, lm("channel", 128, "log8", True)),
+            ("Lloyd-Max, 128 tokens, log8 scale, no zero", 8 / 128, lm("channel", 128, "log8", False)),
+        ],
+        "values": [
+            ("min-max, 64 channels, fp16 scale + zero", 32 / 64, minmax("token", 64)),
+            ("Lloyd-Max, 64 channels, fp16 scale", 16 / 64, lm("token", 64, "fp16", False)),
+            ("Lloyd-Max, 64 channels, log8 scale", 8 / 64, lm("token", 64, "log8", False)),
+            ("Lloyd-Max, 64 channels, fp16 mean + log8 scale", 24 / 64, lm("token", 64, "log8", True)),
+        ],
+    }
+
+    def quantized(fn, bits: int, x: torch.Tensor) -> torch.Tensor:
+        y = fn(flat(x[:, :, :HISTORY]), bits).reshape(x.shape[0], x.shape[1], HISTORY, x.shape[3])
         y[:, :, :SINKS] = x[:, :, :SINKS]  # sinks are stored apart at 8 bits or more
         return torch.cat([y, x[:, :, HISTORY:]], 2)
 
-    print("| kind | bits | codebook | metadata bits/element | rel. squared error | rel. attention-output error |")
+    print("| kind | bits | format (after the Hadamard rotation) | metadata bits/element | rel. squared error | rel. attention-output error |")
     print("|---|---|---|---|---|---|")
     for kind in ("keys", "values"):
         x = k if kind == "keys" else v
         for bits in (2, 3, 4):
-            for codebook in ("minmax", "lloyd_max"):
-                y = quantized(kind, codebook, bits, x)
+            for label, meta, fn in formats[kind]:
+                y = quantized(fn, bits, x)
                 hist, yh = x[:, :, SINKS:HISTORY], y[:, :, SINKS:HISTORY]
                 centred = hist - hist.mean(2, keepdim=True)
                 mse = float((yh - hist).square().sum() / centred.square().sum())
                 err = attention_error(q, k, v, y, v, rope) if kind == "keys" else attention_error(q, k, v, k, y, rope)
-                meta = {"minmax": 32 / (128 if kind == "keys" else 64), "lloyd_max": (24 / 128 if kind == "keys" else 8 / 64)}[codebook]
-                print(f"| {kind} | {bits} | {codebook} | {meta:.3f} | {mse:.4f} | {err:.5f} |", flush=True)
+                print(f"| {kind} | {bits} | {label} | {meta:.4f} | {mse:.4f} | {err:.5f} |", flush=True)
 
 
 if __name__ == "__main__":

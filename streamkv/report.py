@@ -92,7 +92,8 @@ def collect(sweep_dir: str | Path) -> list[Job]:
 
 def _label(jobs: list[Job], root: Path) -> None:
     """Label each job by the overrides that differ between the sweep's jobs (else its directory)."""
-    split = [dict(o.split("=", 1) for o in j.overrides if "=" in o) for j in jobs]
+    quiet = ("force", "progress", "logger")  # run switches, not what was measured (as in job directory names)
+    split = [dict(o.split("=", 1) for o in j.overrides if "=" in o and o.split("=", 1)[0].lstrip("+") not in quiet) for j in jobs]
     keys = sorted({k for s in split for k in s})
     varying = [k for k in keys if len({s.get(k) for s in split}) > 1]
     for job, s in zip(jobs, split):
@@ -122,8 +123,8 @@ def rows(jobs: list[Job], baseline: Optional[Job] = None) -> list[dict[str, Any]
             "outlier": comp.get("outlier"),
             "variant": comp.get("ablation") or comp.get("experiment"),
             "chunk": job.results.get("chunk_size"),
-            "key_bits": quant.get("key_bits"),
-            "value_bits": quant.get("value_bits"),
+            "key_bits": quant.get("key_bits") if quant.get("budget_bits") is None else None,  # a budget picks them
+            "value_bits": quant.get("value_bits") if quant.get("budget_bits") is None else None,
             "avg_bits": job.avg_bits,
             "ppl": job.ppl,
             **{k: job.results.get("metrics", {}).get(k) for k in ("kl", "kl_p99", "top1_agreement")},
@@ -203,27 +204,32 @@ def _pyplot():
 
 def plot_pareto(path: Path, name: str, table: list[dict]) -> bool:
     """Perplexity against average bits with its Pareto front, and beside it the same for the mean KL
-    divergence from the uncompressed model when the jobs measured it."""
-    pts = [(r["avg_bits"], r["ppl"], r["job"]) for r in table if r["status"] == OK and r["avg_bits"] and r["ppl"]]
-    if not pts:
+    divergence from the uncompressed model when the jobs measured it; points coloured by quantizer."""
+    ok = [r for r in table if r["status"] == OK and r["avg_bits"] and r["ppl"]]
+    if not ok:
         return False
-    kl_pts = [(r["avg_bits"], r["kl"], r["job"]) for r in table
-              if r["status"] == OK and r["avg_bits"] and r.get("kl") is not None and r["kl"] > 0]
+    kl_rows = [r for r in ok if r.get("kl") is not None and r["kl"] > 0]
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 2 if kl_pts else 1, figsize=(12 if kl_pts else 7, 4.5), squeeze=False)
-    panels = [(axes[0][0], pts, "perplexity")] + ([(axes[0][1], kl_pts, "mean KL vs uncompressed (nats)")] if kl_pts else [])
-    for ax, ps, ylabel in panels:
-        ax.scatter([p[0] for p in ps], [p[1] for p in ps], color="tab:blue", zorder=3)
-        for bits, y, label in ps:
-            ax.annotate(label, (bits, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        front = pareto_front([(b, y) for b, y, _ in ps])
+    fig, axes = plt.subplots(1, 2 if kl_rows else 1, figsize=(13 if kl_rows else 7, 4.8), squeeze=False)
+    panels = [(axes[0][0], ok, "ppl", "perplexity")] + ([(axes[0][1], kl_rows, "kl", "mean KL vs uncompressed (nats)")] if kl_rows else [])
+    colours = {q: f"C{i}" for i, q in enumerate(dict.fromkeys(str(r["quantizer"]) for r in ok))}
+    for ax, rows_, key, ylabel in panels:
+        for q, colour in colours.items():
+            mine = [r for r in rows_ if str(r["quantizer"]) == q]
+            if mine:
+                ax.scatter([r["avg_bits"] for r in mine], [r[key] for r in mine], color=colour, zorder=3, label=q)
+        for r in rows_:
+            label = r["job"].replace("quantizer.", "").replace("experiment=", "")
+            ax.annotate(label, (r["avg_bits"], r[key]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        front = pareto_front([(r["avg_bits"], r[key]) for r in rows_])
         ax.step([f[0] for f in front], [f[1] for f in front], where="post", color="tab:red", label="Pareto front")
-        ys = [p[1] for p in ps]
-        if ylabel.startswith("mean KL") or max(ys) / min(ys) > 3:
+        ys = [r[key] for r in rows_]
+        if key == "kl" or max(ys) / min(ys) > 3:
             ax.set_yscale("log")
-        ax.set(xlabel="average bits per K/V element", ylabel=ylabel, title=f"{name}: {ylabel.split(' (')[0]} vs bits")
-        ax.grid(alpha=0.3)
-        ax.legend()
+        ax.set(xlabel="average bits per K/V element (everything stored)", ylabel=ylabel,
+               title=f"{name}: {ylabel.split(' (')[0]} vs bits")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
