@@ -61,14 +61,32 @@ def test_fused_equals_dense(tiny_llama, quantizer, sink, outlier, one_thread):
 
 @pytest.mark.parametrize("kernel", [True, False], ids=["cpu_kernel", "tensor_path"])
 def test_fused_equals_dense_in_batches_mqa_and_long_prefill_blocks(tiny64, kernel, one_thread):
-    """Batch > 1, one KV head (MQA), head_dim 64, a prefill long enough to be read in several blocks."""
+    """Batch > 1, one KV head (MQA), head_dim 64, a prefill long enough to be read in several blocks;
+    key groups of 64 tokens, so the CPU kernel reads whole tiles (the grid above covers partial ones)."""
     torch.manual_seed(1)
     ids = torch.randint(0, 96, (2, 300))
-    q = {"name": "uniform", "rotate_keys": True, "rotate_values": True, "pre_rope": False, "key_group_size": 32}
+    q = {"name": "uniform", "rotate_keys": True, "rotate_values": True, "key_group_size": 64}
     ref = run(tiny64, build_compression(q, "fixed", "ema_relative", DenseBackend()), ids, 96, 8)
     fused = FusedBackend(block_tokens=64, cpu_kernel=kernel)
     ours = run(tiny64, build_compression(q, "fixed", "ema_relative", fused), ids, 96, 8)
     torch.testing.assert_close(ours, ref, atol=2e-4, rtol=0)
+
+
+def test_decoding_on_the_cpu_reads_the_default_storage_with_the_kernel(tiny64, monkeypatch, one_thread):
+    """The default layout (Hadamard-rotated keys stored before RoPE, with outliers) takes the one-pass
+    kernel in decoding, rather than quietly falling back to the tensor path."""
+    from streamkv.kv.kernels import cpu
+
+    if not cpu.available():
+        pytest.skip("numba is not installed")
+    read = []
+    attend = cpu.attend
+    monkeypatch.setattr(cpu, "attend", lambda seg, *a: read.append(seg) or attend(seg, *a))
+    ids = torch.randint(0, 96, (1, 200))
+    q = {"name": "uniform", "key_group_size": 64, "rotate_keys": True, "rotate_values": True}  # conf/quantizer/uniform.yaml
+    backends_agree(tiny64, q, "fixed", "ema_relative", ids, chunk=64, decode=3)
+    body = [s for s in read if s.key_rope is not None and s.key_hadamard and s.key_outliers is not None]
+    assert len(body) >= 3 * 2  # every decoding step, both layers (and the short last prefill chunk)
 
 
 def test_fused_greedy_generation_equals_dense_at_8_bits(tiny_llama, one_thread):

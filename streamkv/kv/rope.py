@@ -43,6 +43,11 @@ class RopeTable:
             self.cos, self.sin = cos.reshape(size, -1).float(), sin.reshape(size, -1).float()
         return self.cos, self.sin
 
+    def upto(self, end: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """float32 cos and sin (positions >= ``end``, rotated channels) on ``device``; the same tensors
+        until the table grows (kernels may key derived layouts on them)."""
+        return self._table(end, torch.empty(0, device=device))
+
     @property
     def width(self) -> int | None:
         """Rotated channels (the leading ones); None before the table is first built."""

@@ -29,6 +29,8 @@ class SparseOutliers:
         self.scales = torch.zeros(0, dtype=torch.float16)  # per appended chunk (8-bit codes)
         self.chunk_counts = torch.zeros(0, dtype=torch.int32)
         self.tokens = 0  # tokens covered so far
+        self._version = 0  # bumped by every change; snapshots (shallow copies) keep theirs
+        self._memo: dict = {}  # shared with snapshots: derived layouts by version
 
     @property
     def count(self) -> int:
@@ -60,6 +62,7 @@ class SparseOutliers:
             self.scales = torch.cat([self.scales.to(dev), scale])
             self.chunk_counts = torch.cat([self.chunk_counts.to(dev), torch.tensor([local.numel()], dtype=torch.int32, device=dev)])
         self.tokens += x.shape[1]
+        self._version += 1
 
     def offsets(self) -> torch.Tensor:
         high = self.buckets.long().repeat_interleave(self.bucket_counts.long(), output_size=self.count)
@@ -90,12 +93,27 @@ class SparseOutliers:
         self.low = (offset & ((1 << _LOW_BITS) - 1)).to(torch.int16)
         self.buckets, self.bucket_counts = buckets.to(torch.int32), counts.to(torch.int32)
         self.tokens -= n
+        self._version += 1
 
     def coordinates(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(row, token, channel) of every outlier, tokens counted from the first appended."""
         idx = self.offsets()
         rd = self.rows * self.dim
         return (idx % rd) // self.dim, idx // rd, idx % self.dim
+
+    def by_row(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The outliers grouped by row, in token order within a row, as a reading kernel walks them:
+        ``(ptr, token, channel, value)`` with row ``r``'s at ``ptr[r]:ptr[r + 1]`` (int64, float32).
+        Decoded once per version (and shared with snapshots), since every decoding step reads it."""
+        held = self._memo.get("by_row")
+        if held is None or held[0] != self._version:
+            r, t, c = self.coordinates()
+            order = torch.argsort(r * max(self.tokens, 1) + t, stable=True)
+            ptr = torch.zeros(self.rows + 1, dtype=torch.long, device=r.device)
+            ptr[1:] = torch.bincount(r, minlength=self.rows).cumsum(0)
+            rows = (ptr, t[order].contiguous(), c[order].contiguous(), self.decoded_values(torch.float32)[order].contiguous())
+            held = self._memo["by_row"] = (self._version, rows)
+        return held[1]
 
     def scatter_into(self, dense: torch.Tensor) -> torch.Tensor:
         """Add the outliers into ``dense`` (rows, tokens >= self.tokens, dim) in place and return it."""

@@ -4,12 +4,12 @@ Per segment, keys are read in their stored domain and the transforms move to the
 output instead: a Hadamard-rotated key needs the query rotated once, ``(q H)·(k H) = q·k``; rotated
 values need the output un-rotated once, ``(Σ p ṽ) Hᵀ``. Sparse outliers correct the scores and
 outputs at their own coordinates. Segments (and blocks of a long segment in chunked prefill) are
-merged with an online softmax. In decoding on the CPU, a compiled kernel reads the packed codes of
-the body directly (:mod:`streamkv.kv.kernels.cpu`); everything else is a few tensor ops per block.
+merged with an online softmax. In decoding on the CPU, a compiled kernel reads the packed body in
+one pass (:mod:`streamkv.kv.kernels.cpu`: scores, softmax and values together, keys stored before
+RoPE un-rotated and rotated inside it); everything else is a few tensor ops per block.
 
-Keys stored before RoPE cannot move their rotation to the query (RoPE differs per position): such a
-block is dequantized, un-rotated and rotated by RoPE like the dense reader does, so post-RoPE storage
-is the layout this backend is fast on.
+On the tensor path, keys stored before RoPE cannot move their rotation to the query (RoPE differs per
+position): such a block is dequantized, un-rotated and rotated by RoPE like the dense reader does.
 """
 
 from __future__ import annotations
@@ -72,27 +72,25 @@ class FusedBackend:
         return merge_all([self._block(seg, t0, min(seg.tokens, t0 + step), qs) for t0 in range(first, seg.tokens, step)])
 
     def _block(self, seg: KVSegment, t0: int, t1: int, qs: "_Queries") -> Partial:
-        kernel = self._kernel(seg, qs)
-        scores = kernel.scores(seg, t0, t1, qs) if kernel else _scores(seg, t0, t1, qs)
+        if self._kernel_reads(seg, qs):
+            return cpu_kernels.attend(seg, t0, t1, qs)
+        scores = _scores(seg, t0, t1, qs)
         if seg.skip > t0:
             scores[..., : seg.skip - t0] = NEG_INF
         qs.apply_mask(scores, seg.start + t0)
         part, p = Partial.of(scores)
-        part.acc = kernel.values(seg, t0, t1, p, qs) if kernel else _values(seg, t0, t1, p, qs)
+        part.acc = _values(seg, t0, t1, p, qs)
         return part
 
-    def _kernel(self, seg: KVSegment, qs: "_Queries"):
-        ok = (
+    def _kernel_reads(self, seg: KVSegment, qs: "_Queries") -> bool:
+        """Whether the compiled CPU kernel reads this segment (decoding-sized queries on the CPU)."""
+        return (
             self.cpu_kernel
             and qs.nq <= self.decode_queries
             and qs.q.device.type == "cpu"
-            and seg.key_rope is None
-            and isinstance(seg.keys, Quantized)
-            and isinstance(seg.values, Quantized)
-            and cpu_kernels.covers(seg.keys)
-            and cpu_kernels.covers(seg.values)
+            and cpu_kernels.covers(seg)
+            and cpu_kernels.available()
         )
-        return cpu_kernels if ok and cpu_kernels.available() else None
 
     def _own(self, view: LayerView, qs: "_Queries") -> Partial:
         """This forward's own tokens, full precision, causal among themselves."""
