@@ -11,7 +11,7 @@ import torch
 
 from streamkv import CompressedCache, ConfigError
 from streamkv.compression import build_compression
-from streamkv.kv.attention import DenseBackend, FusedBackend, TritonBackend
+from streamkv.kv.attention import DenseBackend, FusedBackend, SplitBackend, TritonBackend
 from streamkv.kv.attention.online_softmax import Partial, merge_all
 
 Q = {"key_group_size": 16, "value_group_size": 16}
@@ -89,6 +89,16 @@ def test_decoding_on_the_cpu_reads_the_default_storage_with_the_kernel(tiny64, m
     assert len(body) >= 3 * 2  # every decoding step, both layers (and the short last prefill chunk)
 
 
+def test_auto_on_the_cpu_equals_dense(tiny_llama, one_thread):
+    """``auto`` on the CPU: the fused kernel in decoding, the dense read + SDPA for prefill chunks."""
+    torch.manual_seed(2)
+    ids = torch.randint(0, 96, (2, 120))
+    q = QUANTIZERS["uniform_rotated_pre_rope"]
+    ref = run(tiny_llama, build_compression(q, "fixed", "ema_relative", DenseBackend()), ids, 32, 6)
+    ours = run(tiny_llama, build_compression(q, "fixed", "ema_relative", SplitBackend()), ids, 32, 6)
+    torch.testing.assert_close(ours, ref, atol=2e-4, rtol=0)
+
+
 def test_fused_greedy_generation_equals_dense_at_8_bits(tiny_llama, one_thread):
     q = {"name": "uniform", "key_bits": 8, "value_bits": 8, "rotate_keys": True, "rotate_values": True, "pre_rope": False, **Q}
     ids = torch.randint(0, 96, (1, 64))
@@ -101,7 +111,7 @@ def test_fused_greedy_generation_equals_dense_at_8_bits(tiny_llama, one_thread):
 
 def test_auto_is_fused_on_cpu_and_the_model_attends_through_streamkv(tiny_llama):
     cache = CompressedCache.for_model(tiny_llama, build_compression(QUANTIZERS["uniform_rotated_post_rope"]), chunk_size=32)
-    assert isinstance(cache.backend, FusedBackend)
+    assert isinstance(cache.backend, SplitBackend) and isinstance(cache.backend.decode, FusedBackend)
     assert tiny_llama.config._attn_implementation == "streamkv"
     plain = CompressedCache.for_model(tiny_llama, build_compression())  # uncompressed: the exact dense path
     assert isinstance(plain.backend, DenseBackend)

@@ -31,8 +31,9 @@ class AttentionBackend(Protocol):
 @dataclass
 class AutoBackend:
     """The fastest backend that meets the quality target on the model's device, chosen by measurement
-    (README, "Attention backends"): ``fused`` on the CPU; ``triton`` on a CUDA GPU where Triton is
-    installed, else ``fused``."""
+    (README, "Attention backends"): on the CPU, ``fused`` for decoding and the dense read for prefill
+    chunks (:class:`~streamkv.kv.attention.split.SplitBackend`); ``triton`` on a CUDA GPU where
+    Triton is installed, else ``fused``."""
 
     name = "auto"
 
@@ -44,4 +45,8 @@ class AutoBackend:
 
             if TritonBackend.importable():
                 return TritonBackend()
+        if device.type == "cpu":
+            from .split import SplitBackend
+
+            return SplitBackend()
         return FusedBackend()
