@@ -297,6 +297,9 @@ def test_check_refuses_a_width_without_kernel():
         TritonBackend().check(comp, DEVICE)
 
 
-def test_auto_picks_triton_on_cuda_and_fused_on_cpu():
+def test_auto_picks_triton_on_cuda_and_fused_decoding_on_cpu():
+    from streamkv.kv.attention import SplitBackend
+
     assert isinstance(AutoBackend().resolve(torch.device("cuda")), TritonBackend)  # importable here (interpreter or GPU)
-    assert isinstance(AutoBackend().resolve(torch.device("cpu")), FusedBackend)
+    cpu = AutoBackend().resolve(torch.device("cpu"))
+    assert isinstance(cpu, SplitBackend) and isinstance(cpu.decode, FusedBackend)

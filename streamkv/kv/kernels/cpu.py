@@ -1,6 +1,7 @@
-"""CPU decode kernel: attention read straight from the packed codes, one pass over the history.
+"""CPU decode kernel, host side: attention read straight from the packed codes, one pass over the history.
 
-``attend`` computes one segment's share of attention for a few queries per KV head (decoding, or
+The compiled loop lives in :mod:`streamkv.kv.kernels.cpu_attend`; this module decides what it
+covers and lays out its inputs. ``attend`` computes one segment's share of attention for a few queries per KV head (decoding, or
 short chunks) as a :class:`~streamkv.kv.attention.online_softmax.Partial`: scores, an online softmax
 and the value sum in one pass over the packed bytes, so no score matrix and no dense copy of the
 history is ever written. The history is split over (row, chunk) jobs across the cores
@@ -12,7 +13,7 @@ channel-major, so every step of a tile is a contiguous vector operation over its
   take their sparse outlier corrections, then RoPE at their positions; keys stored after RoPE under
   a Hadamard rotation are scored against the rotated query instead (``(q H)·(k H) = q·k``);
 * scores of each query, the online-softmax update, ``exp`` as a short polynomial (vectorisable);
-* values: unpacked per token and accumulated in their stored (possibly rotated) domain; the caller
+* values: loaded token-major and accumulated in their stored (possibly rotated) domain; the caller
   un-rotates the merged output once.
 
 Codes are unpacked in *word layout* (position ``k * words + i`` holds channel ``i * PER + k``, PER
@@ -30,7 +31,6 @@ import logging
 import os
 import weakref
 from functools import lru_cache
-from math import sqrt
 
 import numpy as np
 import torch
@@ -38,8 +38,7 @@ import torch
 log = logging.getLogger(__name__)
 
 try:  # numba is optional: a missing compiler means the eager path, never an error
-    import numba  # noqa: F401
-    from numba import njit, prange
+    import numba
 except Exception as e:  # noqa: BLE001
     numba, _why = None, f"{type(e).__name__}: {e}"
 else:
@@ -77,15 +76,16 @@ def covers(seg) -> bool:
     return not (seg.key_rope is not None and seg.key_hadamard and d & (d - 1))
 
 
-# -- layout helpers ---------------------------------------------------------------------------------
-def _per(bits: int) -> int:
+# -- layouts (host side) ---------------------------------------------------------------------------------
+def per_word(bits: int) -> int:
+    """Codes per packing word: a byte holds 8 // bits, a 3-bit word (3 bytes) holds 8."""
     return 8 if bits == 3 else 8 // bits
 
 
 @lru_cache(maxsize=None)
 def word_order(bits: int, dim: int) -> torch.Tensor:
     """``order[m]`` = the channel at word-layout position ``m`` (so ``x[..., order]`` is in word layout)."""
-    per = _per(bits)
+    per = per_word(bits)
     words = dim // per
     m = torch.arange(dim)
     return (m % words) * per + m // words
@@ -130,12 +130,12 @@ def _block_arrays(block):
     return block.codes.numpy(), scale, zero, lut, block.unit_tokens, block.group_size
 
 
-_NO_OUTLIERS = (np.zeros(1 << 12, np.int64), np.zeros(1, np.int64), np.zeros(1, np.int64), np.zeros(1, np.float32))
+_NO_OUTLIERS = (np.zeros(1, np.int64), np.zeros(1, np.int64), np.zeros(1, np.float32))
 
 
 def _outlier_arrays(sparse, rows: int):
     if sparse is None or not sparse.count:
-        return (np.zeros(rows + 1, np.int64), *_NO_OUTLIERS[1:])
+        return (np.zeros(rows + 1, np.int64), *_NO_OUTLIERS)
     ptr, tok, ch, val = sparse.by_row()
     return ptr.numpy(), tok.numpy(), ch.numpy(), val.numpy()
 
@@ -166,8 +166,10 @@ def attend(seg, t0: int, t1: int, qs):
         if not bool(m.all()):  # a full mask (plain decoding) needs no per-token test
             assert c0 >= 0, "a partial mask must cover the segment"
             mask, has_mask = m.contiguous().numpy(), True
-    kernel = _kernel(kbits, keys.lut is not None, keys.axis == "channel", vbits, values.lut is not None,
-                     values.axis == "channel", seg.key_hadamard, rope)
+    from .cpu_attend import kernel_for, merge_chunks
+
+    kernel = kernel_for(kbits, keys.lut is not None, keys.axis == "channel", vbits, values.lut is not None,
+                        values.axis == "channel", seg.key_hadamard, rope)
     m_out = np.empty((rows, CHUNKS, nq), np.float32)
     l_out = np.empty((rows, CHUNKS, nq), np.float32)
     acc = np.empty((rows, CHUNKS, nq, d), np.float32)
@@ -179,289 +181,10 @@ def attend(seg, t0: int, t1: int, qs):
     )
     top, l, stored, plain = (np.empty((rows, nq, 1), np.float32), np.empty((rows, nq, 1), np.float32),
                              np.empty((rows, nq, d), np.float32), np.empty((rows, nq, d), np.float32))
-    _merge_chunks()(m_out, l_out, acc, accp, word_order(vbits, d).numpy(), top, l, stored, plain)
+    merge_chunks(m_out, l_out, acc, accp, word_order(vbits, d).numpy(), top, l, stored, plain)
     top, l, stored, plain = (torch.from_numpy(x) for x in (top, l, stored, plain))
     if seg.value_outliers is None or not seg.value_outliers.count:
         plain = None
     if not seg.value_hadamard:
         return Partial(top, l, [stored if plain is None else stored + plain, None])
     return Partial(top, l, [plain, stored])
-
-
-@lru_cache(maxsize=None)
-def _merge_chunks():
-    """The jobs' partials of each row merged (flash-decoding's reduction), values back to channel order."""
-
-    @njit(fastmath=True, cache=True)
-    def merge(m_out, l_out, acc, accp, vorder, top, l, stored, plain):
-        rows, chunks, nq, d = acc.shape
-        for r in range(rows):
-            for j in range(nq):
-                mx = np.float32(-1e30)
-                for c in range(chunks):
-                    mx = max(mx, m_out[r, c, j])
-                tot = np.float32(0.0)
-                for m in range(d):
-                    stored[r, j, vorder[m]] = 0.0
-                    plain[r, j, m] = 0.0
-                for c in range(chunks):
-                    w = np.exp(m_out[r, c, j] - mx)
-                    tot += l_out[r, c, j] * w
-                    for m in range(d):
-                        stored[r, j, vorder[m]] += acc[r, c, j, m] * w
-                        plain[r, j, m] += accp[r, c, j, m] * w
-                top[r, j, 0] = mx if mx > -1e29 else 0.0  # nothing seen: a finite max, zero weight
-                l[r, j, 0] = tot
-
-    return merge
-
-
-# -- the kernel -------------------------------------------------------------------------------------
-_compiled: dict = {}
-
-
-def _kernel(*layout):
-    """The kernel specialised for one storage layout (widths, codebooks, axes, transforms are
-    compile-time constants, so every inner loop is branch-free)."""
-    if layout not in _compiled:
-        _compiled[layout] = _build(*layout)
-    return _compiled[layout]
-
-
-def _build(KBITS, KLUT, KCH, VBITS, VLUT, VCH, KHAD, ROPE):
-    f32 = np.float32
-    FWHT = ROPE and KHAD  # keys un-rotated in the kernel; otherwise the query carries the rotation
-    TILE_ADD = not (KHAD and not ROPE)  # outliers add to the key tile (plain domain) or to the scores
-    NEG = f32(-1e30)
-    LOG2E, LN2, HALF = f32(1.4426950408889634), f32(0.6931471805599453), f32(0.5)
-    C2, C3, C4, C5, C6 = f32(1 / 2), f32(1 / 6), f32(1 / 24), f32(1 / 120), f32(1 / 720)
-    ONE, ZERO, CUT = f32(1.0), f32(0.0), f32(-87.0)
-    KPER = _per(KBITS)
-    load_k = _tile_loader(KBITS, KLUT, KCH, False)  # channel-major: scores vectorise over tokens
-    load_v = _tile_loader(VBITS, VLUT, VCH, True)  # token-major: outputs vectorise over channels
-
-    @njit(inline="always", fastmath=True)
-    def fexp(x, pow2):
-        """exp(x) for x <= 0 (0 below -87): 2^n from a table times a degree-6 polynomial on |f| <= ln2/2."""
-        y = max(x, CUT) * LOG2E
-        n = np.floor(y + HALF)
-        f = (y - n) * LN2
-        p = ONE + f * (ONE + f * (C2 + f * (C3 + f * (C4 + f * (C5 + f * C6)))))
-        return p * pow2[np.int32(-n)] if x > CUT else ZERO
-
-    @njit(inline="always")
-    def first_at(ptr, tok, r, a):
-        """Index of the first outlier of row ``r`` at a token >= ``a`` (outliers sorted by row, token)."""
-        lo, hi = ptr[r], ptr[r + 1]
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if tok[mid] < a:
-                lo = mid + 1
-            else:
-                hi = mid
-        return lo
-
-    @njit(parallel=True, fastmath=True)
-    def kernel(qc, qp, kc, ks, kz, klut, kunit, kgroup, vc, vs, vz, vlut, vunit, vgroup, cosw, sinw, partner, start,
-               kptr, ktok, kch, kval, vptr, vtok, vch, vval, mask, has_mask, heads, ql, skip, t0, t1, pow2,
-               m_out, l_out, acc_out, accp_out):
-        rows, nq, d = qc.shape
-        kwords = d // KPER
-        scale_h = f32(1.0 / sqrt(d)) if FWHT else ONE  # the Hadamard's normalisation, folded into the scale
-        base = t0 // TILE * TILE
-        size = ((t1 - base + CHUNKS - 1) // CHUNKS + TILE - 1) // TILE * TILE
-        first = max(skip, t0)
-        for job in prange(rows * CHUNKS):
-            r, ch = job // CHUNKS, job % CHUNKS
-            a, b = base + ch * size, min(t1, base + (ch + 1) * size)
-            bt = r // heads
-            K = np.zeros((d, TILE), np.float32)
-            K2 = np.zeros((d, TILE), np.float32)
-            V = np.zeros((TILE, d), np.float32)
-            S = np.empty((nq, TILE), np.float32)
-            m_run = np.full(nq, NEG, np.float32)
-            l_run = np.zeros(nq, np.float32)
-            acc = np.zeros((nq, d), np.float32)
-            accp = np.zeros((nq, d), np.float32)
-            ko, vo = first_at(kptr, ktok, r, a), first_at(vptr, vtok, r, a)
-            kend, vend = kptr[r + 1], vptr[r + 1]
-            for a0 in range(a, b, TILE):
-                n = min(TILE, b - a0)
-                load_k(kc, ks, kz, klut, kunit, kgroup, r, a0, n, scale_h, K)
-                if FWHT:  # un-rotate: x = x̃ H (H symmetric and orthonormal; its scale folded above)
-                    h = 1
-                    while h < d:
-                        for i in range(0, d, 2 * h):
-                            for j in range(i, i + h):
-                                for tt in range(TILE):
-                                    x, y = K[j, tt], K[j + h, tt]
-                                    K[j, tt] = x + y
-                                    K[j + h, tt] = x - y
-                        h *= 2
-                if TILE_ADD:
-                    while ko < kend and ktok[ko] < a0 + n:
-                        c = kch[ko]
-                        K[(c % KPER) * kwords + c // KPER, ktok[ko] - a0] += kval[ko]
-                        ko += 1
-                if ROPE:
-                    for m in range(d):
-                        pm = partner[m]
-                        for tt in range(TILE):
-                            pos = start + a0 + tt  # the table covers the segment's positions
-                            K2[m, tt] = K[m, tt] * cosw[m, pos] + K[pm, tt] * sinw[m, pos]
-                    KS = K2
-                else:
-                    KS = K
-                for j in range(nq):
-                    for tt in range(TILE):
-                        S[j, tt] = ZERO
-                    for m in range(d):
-                        qv = qc[r, j, m]
-                        for tt in range(TILE):
-                            S[j, tt] += qv * KS[m, tt]
-                if not TILE_ADD:  # rotated keys: outliers (plain domain) meet the plain query
-                    while ko < kend and ktok[ko] < a0 + n:
-                        tt, c, x = ktok[ko] - a0, kch[ko], kval[ko]
-                        for j in range(nq):
-                            S[j, tt] += qp[r, j, c] * x
-                        ko += 1
-                if n < TILE or a0 < first or has_mask:  # tokens of the tile this query does not see
-                    for j in range(nq):
-                        qi = j % ql
-                        for tt in range(TILE):
-                            t = a0 + tt
-                            if tt >= n or t < first or (has_mask and not mask[bt, qi, t]):
-                                S[j, tt] = NEG
-                # online softmax: rescale what this job holds to the new maximum, then add the tile
-                for j in range(nq):
-                    mx = NEG
-                    for tt in range(TILE):
-                        mx = max(mx, S[j, tt])
-                    if mx > m_run[j]:
-                        corr = fexp(m_run[j] - mx, pow2)
-                        l_run[j] *= corr
-                        for m in range(d):
-                            acc[j, m] *= corr
-                            accp[j, m] *= corr
-                        m_run[j] = mx
-                    tot = ZERO
-                    for tt in range(TILE):
-                        p = fexp(S[j, tt] - m_run[j], pow2) if S[j, tt] > NEG else ZERO
-                        S[j, tt] = p
-                        tot += p
-                    l_run[j] += tot
-                # values of the tile (token-major) in their stored domain, weighted by the probabilities
-                load_v(vc, vs, vz, vlut, vunit, vgroup, r, a0, n, ONE, V)
-                for j in range(nq):
-                    for tt in range(n):
-                        p = S[j, tt]
-                        for m in range(d):
-                            acc[j, m] += p * V[tt, m]
-                while vo < vend and vtok[vo] < a0 + n:
-                    tt, c, x = vtok[vo] - a0, vch[vo], vval[vo]
-                    for j in range(nq):
-                        accp[j, c] += S[j, tt] * x
-                    vo += 1
-            for j in range(nq):
-                m_out[r, ch, j] = m_run[j]
-                l_out[r, ch, j] = l_run[j]
-                for m in range(d):
-                    acc_out[r, ch, j, m] = acc[j, m]
-                    accp_out[r, ch, j, m] = accp[j, m]
-
-    return kernel
-
-
-def _tile_loader(BITS, LUT, CHANNEL, TOKEN_MAJOR):
-    """``load(codes, scale, zero, lut, unit, group, r, a0, n, extra, out)``: tokens ``a0 .. a0 + n`` of
-    row ``r`` dequantized (times ``extra``) into ``out``, word layout: ``out[:, :n]`` of (dim, TILE),
-    or ``out[:n]`` of (TILE, dim) when ``TOKEN_MAJOR``."""
-    PER = _per(BITS)
-    MASK = (1 << BITS) - 1
-    WB = 3 if BITS == 3 else 1
-    f32 = np.float32
-
-    @njit(inline="always", fastmath=True)
-    def load(codes, scale, zero, lut, unit, group, r, a0, n, extra, out):
-        d = out.shape[1] if TOKEN_MAJOR else out.shape[0]
-        words = d // PER
-        sw = np.empty(d, np.float32)  # per-channel units: the unit's scale and zero in word layout
-        zw = np.empty(d, np.float32)
-        u_now = -1
-        if not TOKEN_MAJOR and CHANNEL and BITS != 3 and unit % TILE == 0 and n == TILE:
-            # a whole tile inside one unit: its bytes are one (TILE, words) block; read it column by
-            # column so that every store runs along the tile's tokens
-            u = a0 // unit
-            cu = codes[r, u]
-            o = (a0 - u * unit) * words
-            for i in range(words):
-                for k in range(PER):
-                    for tt in range(TILE):
-                        c = (np.int32(cu[o + tt * words + i]) >> (k * BITS)) & MASK
-                        out[k * words + i, tt] = lut[c] if LUT else f32(c)
-            n = 0  # nothing left for the per-token unpacking below
-        for tt in range(n):
-            t = a0 + tt
-            u = t // unit if CHANNEL else t
-            cu = codes[r, u]
-            o = (t - u * unit) * words * WB if CHANNEL else 0
-            for k in range(PER):  # unpack one token's contiguous bytes
-                for i in range(words):
-                    if BITS == 3:
-                        w = np.int32(cu[o + 3 * i]) | (np.int32(cu[o + 3 * i + 1]) << 8) | (np.int32(cu[o + 3 * i + 2]) << 16)
-                        c = (w >> (3 * k)) & 7
-                    else:
-                        c = (np.int32(cu[o + i]) >> (k * BITS)) & MASK
-                    x = lut[c] if LUT else f32(c)
-                    if TOKEN_MAJOR:
-                        out[tt, k * words + i] = x
-                    else:
-                        out[k * words + i, tt] = x
-            if TOKEN_MAJOR:  # dequantize the token's row
-                if CHANNEL:
-                    if u != u_now:  # a new unit: its per-channel scales in word layout
-                        u_now = u
-                        for m in range(d):
-                            c = (m % words) * PER + m // words
-                            sw[m], zw[m] = scale[r, u, c] * extra, zero[r, u, c] * extra
-                    for m in range(d):
-                        out[tt, m] = out[tt, m] * sw[m] + zw[m]
-                elif scale.shape[2] == 1:  # one group per token: a scalar scale
-                    s1, z1 = scale[r, t, 0] * extra, zero[r, t, 0] * extra
-                    for m in range(d):
-                        out[tt, m] = out[tt, m] * s1 + z1
-                else:
-                    for m in range(d):
-                        g = ((m % words) * PER + m // words) // group
-                        out[tt, m] = out[tt, m] * scale[r, t, g] * extra + zero[r, t, g] * extra
-        if TOKEN_MAJOR:
-            return
-        if CHANNEL and unit % TILE == 0:  # the tile lies in one unit: one scale per channel
-            u = a0 // unit
-            for m in range(d):
-                c = (m % words) * PER + m // words
-                s, z = scale[r, u, c] * extra, zero[r, u, c] * extra
-                for tt in range(TILE):
-                    out[m, tt] = out[m, tt] * s + z
-        elif CHANNEL:  # small units: each run of the tile within one unit
-            for u in range(a0 // unit, (a0 + n - 1) // unit + 1):
-                lo, hi = max(u * unit - a0, 0), min((u + 1) * unit - a0, n)
-                for m in range(d):
-                    c = (m % words) * PER + m // words
-                    s, z = scale[r, u, c] * extra, zero[r, u, c] * extra
-                    for tt in range(lo, hi):
-                        out[m, tt] = out[m, tt] * s + z
-        else:  # per-token groups: gather each group's scales once, then whole rows
-            groups = scale.shape[2]
-            sv = np.empty((groups, TILE), np.float32)
-            zv = np.empty((groups, TILE), np.float32)
-            for tt in range(n):
-                for g in range(groups):
-                    sv[g, tt] = scale[r, a0 + tt, g] * extra
-                    zv[g, tt] = zero[r, a0 + tt, g] * extra
-            for m in range(d):
-                g = ((m % words) * PER + m // words) // group
-                for tt in range(n):
-                    out[m, tt] = out[m, tt] * sv[g, tt] + zv[g, tt]
-
-    return load
