@@ -155,7 +155,7 @@ def attend(seg, t0: int, t1: int, qs):
     qc = query.float()[..., word_order(kbits, d)].contiguous()
     qp = qs.q.float().contiguous()
     if rope:
-        cosw, sinw, partner = _rope_layout(seg.key_rope, seg.start + seg.tokens, d, kbits)
+        cosw, sinw, partner = _rope_layout(seg.key_rope, seg.start + seg.tokens + TILE, d, kbits)  # whole last tile
     else:
         cosw = sinw = np.zeros((1, 1), np.float32)
         partner = np.zeros(1, np.int64)

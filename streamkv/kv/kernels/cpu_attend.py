@@ -60,7 +60,7 @@ def _build(KBITS, KLUT, KCH, VBITS, VLUT, VCH, KHAD, ROPE):
     C2, C3, C4, C5, C6 = f32(1 / 2), f32(1 / 6), f32(1 / 24), f32(1 / 120), f32(1 / 720)
     ONE, ZERO, CUT = f32(1.0), f32(0.0), f32(-87.0)
     KPER = per_word(KBITS)
-    load_k = _tile_loader(KBITS, KLUT, KCH, False)  # channel-major: scores vectorise over tokens
+    load_k = _tile_loader(KBITS, KLUT, KCH, False)  # channel-major: every loop runs over the tile's tokens
     load_v = _tile_loader(VBITS, VLUT, VCH, True)  # token-major: outputs vectorise over channels
 
     @njit(inline="always", fastmath=True)
@@ -127,11 +127,14 @@ def _build(KBITS, KLUT, KCH, VBITS, VLUT, VCH, KHAD, ROPE):
                         K[(c % KPER) * kwords + c // KPER, ktok[ko] - a0] += kval[ko]
                         ko += 1
                 if ROPE:
+                    p0 = start + a0  # the table reaches a whole tile past the segment (cpu.attend)
                     for m in range(d):
-                        pm = partner[m]
+                        # row views, indexed by the loop counter alone: no negative-index checks,
+                        # so the loop vectorises
+                        out, x, y = K2[m], K[m], K[partner[m]]
+                        c, s_ = cosw[m, p0 : p0 + TILE], sinw[m, p0 : p0 + TILE]
                         for tt in range(TILE):
-                            pos = start + a0 + tt  # the table covers the segment's positions
-                            K2[m, tt] = K[m, tt] * cosw[m, pos] + K[pm, tt] * sinw[m, pos]
+                            out[tt] = x[tt] * c[tt] + y[tt] * s_[tt]
                     KS = K2
                 else:
                     KS = K
@@ -215,13 +218,14 @@ def _tile_loader(BITS, LUT, CHANNEL, TOKEN_MAJOR):
             # a whole tile inside one unit: its bytes are one (TILE, words) block; read it column by
             # column so that every store runs along the tile's tokens
             u = a0 // unit
-            cu = codes[r, u]
             o = (a0 - u * unit) * words
+            blk = codes[r, u, o : o + TILE * words].reshape((TILE, words))  # indexed by loop counters only
             for i in range(words):
                 for k in range(PER):
+                    row = out[k * words + i]
                     for tt in range(TILE):
-                        c = (np.int32(cu[o + tt * words + i]) >> (k * BITS)) & MASK
-                        out[k * words + i, tt] = lut[c] if LUT else f32(c)
+                        c = (np.int32(blk[tt, i]) >> (k * BITS)) & MASK
+                        row[tt] = lut[c] if LUT else f32(c)
             n = 0  # nothing left for the per-token unpacking below
         for tt in range(n):
             t = a0 + tt
