@@ -22,12 +22,17 @@ def packed_size(n: int, bits: int) -> int:
     return -(-n * bits // 8)
 
 
+def codes_per_word(bits: int) -> int:
+    """Codes per packing word: a byte holds 8 // bits, a 3-bit word (3 bytes) holds 8."""
+    return 8 if bits == 3 else 8 // bits
+
+
 def _padded_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """``codes`` as contiguous uint8, the last axis padded to whole packing words (8 // bits codes a
     byte, 8 codes a 3-bit word)."""
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"bits={bits} cannot be packed; supported: {SUPPORTED_BITS}")
-    per = 8 if bits == 3 else 8 // bits
+    per = codes_per_word(bits)
     pad = (-codes.shape[-1]) % per
     codes = codes.to(torch.uint8)
     if pad:

@@ -44,8 +44,8 @@ class RopeTable:
         return self.cos, self.sin
 
     def upto(self, end: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-        """float32 cos and sin (positions >= ``end``, rotated channels) on ``device``; the same tensors
-        until the table grows (kernels may key derived layouts on them)."""
+        """float32 cos and sin (rows: positions ``0 ..`` at least ``end``; columns: rotated channels) on
+        ``device``; the same tensors until the table grows (kernels may key derived layouts on them)."""
         return self._table(end, torch.empty(0, device=device))
 
     @property

@@ -108,7 +108,7 @@ class SparseOutliers:
         held = self._memo.get("by_row")
         if held is None or held[0] != self._version:
             r, t, c = self.coordinates()
-            order = torch.argsort(r * max(self.tokens, 1) + t, stable=True)
+            order = torch.argsort(r, stable=True)  # coordinates come in token order: it stays within a row
             ptr = torch.zeros(self.rows + 1, dtype=torch.long, device=r.device)
             ptr[1:] = torch.bincount(r, minlength=self.rows).cumsum(0)
             rows = (ptr, t[order].contiguous(), c[order].contiguous(), self.decoded_values(torch.float32)[order].contiguous())

@@ -35,6 +35,8 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+from ..packing import codes_per_word
+
 log = logging.getLogger(__name__)
 
 try:  # numba is optional: a missing compiler means the eager path, never an error
@@ -66,9 +68,7 @@ def covers(seg) -> bool:
     from ..quantization import Quantized
 
     def ok(block) -> bool:
-        if not isinstance(block, Quantized) or block.bits not in _BITS or block.dim % 8:
-            return False
-        return True
+        return isinstance(block, Quantized) and block.bits in _BITS and block.dim % 8 == 0
 
     if not (ok(seg.keys) and ok(seg.values)) or seg.keys.dim != seg.values.dim:
         return False
@@ -77,15 +77,10 @@ def covers(seg) -> bool:
 
 
 # -- layouts (host side) ---------------------------------------------------------------------------------
-def per_word(bits: int) -> int:
-    """Codes per packing word: a byte holds 8 // bits, a 3-bit word (3 bytes) holds 8."""
-    return 8 if bits == 3 else 8 // bits
-
-
 @lru_cache(maxsize=None)
 def word_order(bits: int, dim: int) -> torch.Tensor:
     """``order[m]`` = the channel at word-layout position ``m`` (so ``x[..., order]`` is in word layout)."""
-    per = per_word(bits)
+    per = codes_per_word(bits)
     words = dim // per
     m = torch.arange(dim)
     return (m % words) * per + m // words

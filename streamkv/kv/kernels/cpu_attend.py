@@ -14,7 +14,8 @@ from math import sqrt
 import numpy as np
 from numba import njit, prange
 
-from .cpu import CHUNKS, TILE, per_word
+from ..packing import codes_per_word
+from .cpu import CHUNKS, TILE
 
 @njit(fastmath=True)
 def merge_chunks(m_out, l_out, acc, accp, vorder, top, l, stored, plain):
@@ -59,7 +60,7 @@ def _build(KBITS, KLUT, KCH, VBITS, VLUT, VCH, KHAD, ROPE):
     LOG2E, LN2, HALF = f32(1.4426950408889634), f32(0.6931471805599453), f32(0.5)
     C2, C3, C4, C5, C6 = f32(1 / 2), f32(1 / 6), f32(1 / 24), f32(1 / 120), f32(1 / 720)
     ONE, ZERO, CUT = f32(1.0), f32(0.0), f32(-87.0)
-    KPER = per_word(KBITS)
+    KPER = codes_per_word(KBITS)
     load_k = _tile_loader(KBITS, KLUT, KCH, False)  # channel-major: every loop runs over the tile's tokens
     load_v = _tile_loader(VBITS, VLUT, VCH, True)  # token-major: outputs vectorise over channels
 
@@ -202,7 +203,7 @@ def _tile_loader(BITS, LUT, CHANNEL, TOKEN_MAJOR):
     """``load(codes, scale, zero, lut, unit, group, r, a0, n, extra, out)``: tokens ``a0 .. a0 + n`` of
     row ``r`` dequantized (times ``extra``) into ``out``, word layout: ``out[:, :n]`` of (dim, TILE),
     or ``out[:n]`` of (TILE, dim) when ``TOKEN_MAJOR``."""
-    PER = per_word(BITS)
+    PER = codes_per_word(BITS)
     MASK = (1 << BITS) - 1
     WB = 3 if BITS == 3 else 1
     f32 = np.float32
@@ -211,9 +212,11 @@ def _tile_loader(BITS, LUT, CHANNEL, TOKEN_MAJOR):
     def load(codes, scale, zero, lut, unit, group, r, a0, n, extra, out):
         d = out.shape[1] if TOKEN_MAJOR else out.shape[0]
         words = d // PER
-        sw = np.empty(d, np.float32)  # per-channel units: the unit's scale and zero in word layout
-        zw = np.empty(d, np.float32)
+        held = d if TOKEN_MAJOR and CHANNEL else 0  # token-major per-channel units: the unit's scale, zero
+        sw = np.empty(held, np.float32)
+        zw = np.empty(held, np.float32)
         u_now = -1
+        per_token = n
         if not TOKEN_MAJOR and CHANNEL and BITS != 3 and unit % TILE == 0 and n == TILE:
             # a whole tile inside one unit: its bytes are one (TILE, words) block; read it column by
             # column so that every store runs along the tile's tokens
@@ -226,8 +229,8 @@ def _tile_loader(BITS, LUT, CHANNEL, TOKEN_MAJOR):
                     for tt in range(TILE):
                         c = (np.int32(blk[tt, i]) >> (k * BITS)) & MASK
                         row[tt] = lut[c] if LUT else f32(c)
-            n = 0  # nothing left for the per-token unpacking below
-        for tt in range(n):
+            per_token = 0  # nothing left for the per-token unpacking below
+        for tt in range(per_token):
             t = a0 + tt
             u = t // unit if CHANNEL else t
             cu = codes[r, u]
