@@ -74,19 +74,41 @@ def test_fused_equals_dense_in_batches_mqa_and_long_prefill_blocks(tiny64, kerne
 
 def test_decoding_on_the_cpu_reads_the_default_storage_with_the_kernel(tiny64, monkeypatch, one_thread):
     """The default layout (Hadamard-rotated keys stored before RoPE, with outliers) takes the one-pass
-    kernel in decoding, rather than quietly falling back to the tensor path."""
+    kernel in decoding, the whole step in compiled code (residual and own tokens included), rather
+    than quietly falling back to the tensor path."""
     from streamkv.kv.kernels import cpu
 
     if not cpu.available():
         pytest.skip("numba is not installed")
-    read = []
-    attend = cpu.attend
-    monkeypatch.setattr(cpu, "attend", lambda seg, *a: read.append(seg) or attend(seg, *a))
+    read, steps = [], []
+    _read, decode = cpu._read, cpu.decode
+    monkeypatch.setattr(cpu, "_read", lambda seg, *a: read.append(seg) or _read(seg, *a))
+    monkeypatch.setattr(cpu, "decode", lambda view, *a: steps.append(view) or decode(view, *a))
     ids = torch.randint(0, 96, (1, 200))
     q = {"name": "uniform", "key_group_size": 64, "rotate_keys": True, "rotate_values": True}  # conf/quantizer/uniform.yaml
     backends_agree(tiny64, q, "fixed", "ema_relative", ids, chunk=64, decode=3)
     body = [s for s in read if s.key_rope is not None and s.key_hadamard and s.key_outliers is not None]
     assert len(body) >= 3 * 2  # every decoding step, both layers (and the short last prefill chunk)
+    assert len(steps) >= 3 * 2 and any(v.segments[-1].key_rope is None for v in steps)  # with a residual too
+
+
+def test_kernel_decoding_with_left_padding_equals_dense(tiny64, one_thread):
+    """Batch 2 with one row left-padded: the mask reaches the compiled decoding step (segments, the
+    residual and the own tokens), and padded positions stay out of every softmax."""
+    torch.manual_seed(3)
+    ids = torch.randint(0, 96, (2, 150))
+    mask = torch.ones_like(ids)
+    mask[1, :7] = 0
+    q = {"name": "uniform", "key_group_size": 64, "rotate_keys": True, "rotate_values": True}
+
+    def feed(backend):
+        cache = CompressedCache.for_model(tiny64, build_compression(q, "fixed", "ema_relative", backend), chunk_size=64)
+        bounds = [(0, 64), (64, 128), (128, 146)] + [(s, s + 1) for s in range(146, 150)]
+        with torch.inference_mode():
+            return torch.cat([tiny64(input_ids=ids[:, s:e], attention_mask=mask[:, :e], cache=cache, use_cache=True).logits
+                              for s, e in bounds], 1)
+
+    torch.testing.assert_close(feed(FusedBackend()), feed(DenseBackend()), atol=2e-4, rtol=0)
 
 
 def test_auto_on_the_cpu_equals_dense(tiny_llama, one_thread):

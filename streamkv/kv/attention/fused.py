@@ -4,9 +4,10 @@ Per segment, keys are read in their stored domain and the transforms move to the
 output instead: a Hadamard-rotated key needs the query rotated once, ``(q H)·(k H) = q·k``; rotated
 values need the output un-rotated once, ``(Σ p ṽ) Hᵀ``. Sparse outliers correct the scores and
 outputs at their own coordinates. Segments (and blocks of a long segment in chunked prefill) are
-merged with an online softmax. In decoding on the CPU, a compiled kernel reads the packed body in
-one pass (:mod:`streamkv.kv.kernels.cpu`: scores, softmax and values together, keys stored before
-RoPE un-rotated and rotated inside it); everything else is a few tensor ops per block.
+merged with an online softmax. In decoding on the CPU, compiled code runs the whole step
+(:func:`streamkv.kv.kernels.cpu.decode`: each packed segment read in one pass, scores, softmax and
+values together, keys stored before RoPE un-rotated and rotated inside it; then the residual, the own
+tokens and the merge); everything else is a few tensor ops per block.
 
 On the tensor path, keys stored before RoPE cannot move their rotation to the query (RoPE differs per
 position): such a block is dequantized, un-rotated and rotated by RoPE like the dense reader does.
@@ -53,6 +54,8 @@ class FusedBackend:
         b, hq, ql, d = query.shape
         group = hq // view.heads
         rows, nq = b * view.heads, group * ql
+        if self._kernel_decodes(view, nq, query):
+            return cpu_kernels.decode(view, query, mask, scaling)
         q = (query * scaling).reshape(rows, nq, d)
         rot = hadamard_on(d, q.device, q.dtype) if any(s.key_hadamard or s.value_hadamard for s in view.segments) else None
         qs = _Queries(q, None if rot is None else q @ rot, rot, mask, view, group, ql)
@@ -81,6 +84,15 @@ class FusedBackend:
         part, p = Partial.of(scores)
         part.acc = _values(seg, t0, t1, p, qs)
         return part
+
+    def _kernel_decodes(self, view: LayerView, nq: int, query: torch.Tensor) -> bool:
+        """Whether the compiled CPU kernel runs this whole forward (decoding-sized, every segment covered)."""
+        return (
+            self.cpu_kernel
+            and nq <= self.decode_queries
+            and query.device.type == "cpu"
+            and cpu_kernels.decodes(view)
+        )
 
     def _kernel_reads(self, seg: KVSegment, qs: "_Queries") -> bool:
         """Whether the compiled CPU kernel reads this segment (decoding-sized queries on the CPU)."""

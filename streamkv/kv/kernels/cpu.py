@@ -1,20 +1,26 @@
 """CPU decode kernel, host side: attention read straight from the packed codes, one pass over the history.
 
-The compiled loop lives in :mod:`streamkv.kv.kernels.cpu_attend`; this module decides what it
-covers and lays out its inputs. ``attend`` computes one segment's share of attention for a few queries per KV head (decoding, or
-short chunks) as a :class:`~streamkv.kv.attention.online_softmax.Partial`: scores, an online softmax
-and the value sum in one pass over the packed bytes, so no score matrix and no dense copy of the
-history is ever written. The history is split over (row, chunk) jobs across the cores
-(flash-decoding's split-K); each job walks its tokens in tiles of ``TILE`` tokens held
-channel-major, so every step of a tile is a contiguous vector operation over its tokens:
+The compiled loop lives in :mod:`streamkv.kv.kernels.cpu_attend` (tiles: :mod:`.cpu_tiles`, reductions:
+:mod:`.cpu_merge`); this module decides what it covers and lays out its inputs. :func:`decode` runs a
+whole decoding step of a layer: each packed segment read in one pass over its bytes (scores, an
+online softmax and the value sum together, so no score matrix and no dense copy of the history is
+ever written), then the full-precision residual and the forward's own tokens, the merge of every
+part and the values' un-rotation in one compiled call. :func:`attend` reads one segment as a
+:class:`~streamkv.kv.attention.online_softmax.Partial` for the fused backend's mixed path (a
+segment the kernel does not cover beside ones it does). The history is split over (row, chunk) jobs
+across the cores (flash-decoding's split-K); each job walks its tokens in tiles of ``TILE`` tokens
+held channel-major, so every step of a tile is a contiguous vector operation over its tokens:
 
-* keys: unpack the tile's codes, scale and shift them; keys stored before RoPE are un-rotated with
-  an in-place fast Walsh-Hadamard transform (d log d adds, shared by every query of the KV head),
-  take their sparse outlier corrections, then RoPE at their positions; keys stored after RoPE under
-  a Hadamard rotation are scored against the rotated query instead (``(q H)·(k H) = q·k``);
-* scores of each query, the online-softmax update, ``exp`` as a short polynomial (vectorisable);
-* values: loaded token-major and accumulated in their stored (possibly rotated) domain; the caller
-  un-rotates the merged output once.
+* keys: unpack the tile's codes (a whole tile's bytes transposed as 32-bit words first), scale and
+  shift them; keys stored before RoPE are un-rotated with an in-place fast Walsh-Hadamard transform
+  (d log d adds, shared by every query of the KV head), take their sparse outlier corrections, then
+  RoPE at their positions by angle addition (a small per-tile table, not one row per position);
+  keys stored after RoPE under a Hadamard rotation are scored against the rotated query instead
+  (``(q H)·(k H) = q·k``);
+* scores of each query, the online-softmax update, ``exp`` as a short polynomial with its power of
+  two built in the exponent bits (vectorisable);
+* values: loaded token-major and accumulated in their stored (possibly rotated) domain; the merged
+  output is un-rotated once.
 
 Codes are unpacked in *word layout* (position ``k * words + i`` holds channel ``i * PER + k``, PER
 codes per packing word), which makes unpacking branch-free. The query, the RoPE tables and the
@@ -89,40 +95,64 @@ def word_order(bits: int, dim: int) -> torch.Tensor:
 _rope_tables: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def _rope_layout(table, end: int, dim: int, bits: int):
-    """RoPE of ``table`` for positions ``< end`` as the kernel reads it, in the key word layout:
-    ``cos`` and signed ``sin`` channel-major (dim, positions), and each channel's partner."""
-    cos, sin = table.upto(end)
+def _rope_layout(table, start: int, end: int, dim: int, bits: int):
+    """RoPE of ``table`` as the kernel reads it, in the key word layout, for tiles of ``TILE`` tokens
+    from position ``start`` up to ``end``. By angle addition, ``cos θ(p0 + t)`` and ``sin θ(p0 + t)``
+    come from the tile's base angle ``θ p0`` and the offset ``θ t``: the kernel reads a (dim, TILE)
+    offset table and four coefficients per tile and channel instead of a (dim, positions) table per
+    row, which at a few thousand tokens is larger than the compressed history itself.
+
+    Returns ``cos θt``, ``sin θt`` (dim, TILE), per tile ``k`` and channel ``m`` the coefficients
+    ``(A1, B1, A2, B2)`` (tiles, 4, dim) of ``out = cos θt (A1 x + B1 y) + sin θt (A2 x + B2 y)``
+    with ``y = x[partner]``, and the partner of each position."""
+    cos, sin = table.upto(end + TILE)
     held = _rope_tables.setdefault(table, {})
-    if bits in held and held[bits][0] is cos:
-        return held[bits][1]
+    key = (bits, start)
+    if key in held and held[key][0] is cos:
+        return held[key][1]
     n, r = cos.shape
     h = r // 2
-    full_cos = torch.ones(n, dim)
-    full_sin = torch.zeros(n, dim)
-    full_cos[:, :r] = cos
-    sign = torch.cat([-torch.ones(h), torch.ones(h)])
-    full_sin[:, :r] = sin * sign
+    order = word_order(bits, dim)
+    tiles = (n - start) // TILE
+    a = cos[0]  # cos(0) = the table's attention scaling (yarn / longrope), kept by the base only
+    co, so = torch.ones(TILE, dim), torch.zeros(TILE, dim)
+    co[:, :r], so[:, :r] = cos[:TILE] / a, sin[:TILE] / a
+    cb, sb = torch.ones(tiles, dim), torch.zeros(tiles, dim)
+    cb[:, :r], sb[:, :r] = cos[start : start + tiles * TILE : TILE], sin[start : start + tiles * TILE : TILE]
+    sign = torch.zeros(dim)
+    sign[:h], sign[h:r] = -1.0, 1.0  # rotate_half: out_i = x_i cos - x_{i+h} sin, out_{i+h} = x_{i+h} cos + x_i sin
+    coef = torch.stack([cb, sign * sb, -sb, sign * cb], 1)  # (tiles, 4, dim)
     partner = torch.arange(dim)
     partner[:h], partner[h:r] = torch.arange(h, r), torch.arange(h)
-    order = word_order(bits, dim)
     pos = torch.empty(dim, dtype=torch.long)
     pos[order] = torch.arange(dim)  # channel -> word position
     layout = (
-        full_cos[:, order].T.contiguous().numpy(),
-        full_sin[:, order].T.contiguous().numpy(),
+        co[:, order].T.contiguous().numpy(),
+        so[:, order].T.contiguous().numpy(),
+        coef[:, :, order].contiguous().numpy(),
         pos[partner[order]].numpy().astype(np.int64),
     )
-    held[bits] = (cos, layout)
+    held[key] = (cos, layout)
     return layout
 
 
+_arrays: dict[int, tuple] = {}  # id(block) -> (weak reference, its arrays as the kernel reads them)
+
+
 def _block_arrays(block):
+    """``block``'s codes, scales and zeros (float32) and codebook as numpy arrays, made once per block:
+    a stored block never changes (appending makes a new one), and decoding reads it every step."""
+    held = _arrays.get(id(block))
+    if held is not None and held[0]() is block:
+        return held[1]
     shape = (block.codes.shape[0], block.codes.shape[1], -1)
     scale = block.scale.reshape(shape).float().numpy()
     zero = block.zero.reshape(shape).float().numpy()
     lut = np.zeros(1, np.float32) if block.lut is None else block.lut.float().numpy()
-    return block.codes.numpy(), scale, zero, lut, block.unit_tokens, block.group_size
+    arrays = (block.codes.numpy(), scale, zero, lut, block.unit_tokens, block.group_size)
+    key = id(block)
+    _arrays[key] = (weakref.ref(block, lambda _, key=key: _arrays.pop(key, None)), arrays)
+    return arrays
 
 
 _NO_OUTLIERS = (np.zeros(1, np.int64), np.zeros(1, np.int64), np.zeros(1, np.float32))
@@ -135,51 +165,132 @@ def _outlier_arrays(sparse, rows: int):
     return ptr.numpy(), tok.numpy(), ch.numpy(), val.numpy()
 
 
-_POW2 = np.array([2.0**-i for i in range(128)], np.float32)
+_NO_ROPE = (np.zeros((1, 1), np.float32), np.zeros((1, 1), np.float32), np.zeros((1, 4, 1), np.float32), np.zeros(1, np.int64))
+_NO_MASK = np.zeros((1, 1, 1), np.bool_)
+
+
+@lru_cache(maxsize=None)
+def _order(bits: int, dim: int) -> np.ndarray:
+    return word_order(bits, dim).numpy().astype(np.int64)
+
+
+def _read(seg, t0: int, t1: int, q, q_rot, mask, view, ql: int, top, l, stored, plain) -> None:
+    """Run the kernel on ``seg``'s tokens ``[t0, t1)``: its softmax statistics into ``top``, ``l``
+    (rows, nq, 1) and its value sums into ``stored`` (the stored domain) and ``plain`` (outliers)."""
+    keys, values = seg.keys, seg.values
+    rows, nq, d = q.shape
+    rope = seg.key_rope is not None
+    kbits, vbits = keys.bits, values.bits
+    qk = q_rot if (seg.key_hadamard and not rope) else q
+    if rope:  # the base of every tile up to the segment's last (the table reaches a tile past it)
+        rope_args = _rope_layout(seg.key_rope, seg.start, seg.start + seg.tokens, d, kbits)
+    else:
+        rope_args = _NO_ROPE
+    cols, has_mask = _NO_MASK, False
+    if mask is not None:
+        c0 = seg.start - view.mask_offset
+        m = mask[:, 0, :, max(c0, 0) : c0 + t1]
+        if not bool(m.all()):  # a full mask (plain decoding) needs no per-token test
+            assert c0 >= 0, "a partial mask must cover the segment"
+            cols, has_mask = m.contiguous().numpy(), True
+    from .cpu_attend import kernel_for
+
+    kernel = kernel_for(kbits, keys.lut is not None, keys.axis == "channel", vbits, values.lut is not None,
+                        values.axis == "channel", seg.key_hadamard, rope)
+    chunks = max(1, min(CHUNKS, (t1 - t0) // (2 * TILE)))  # a short segment (sinks) is one job per row
+    kernel(
+        qk, _order(kbits, d), q, _order(vbits, d), *_block_arrays(keys), *_block_arrays(values),
+        *rope_args, *_outlier_arrays(seg.key_outliers, rows), *_outlier_arrays(seg.value_outliers, rows),
+        cols, has_mask, view.heads, ql, seg.skip, t0, t1, chunks, top, l, stored, plain,
+    )
+
+
+def _numpy(x: torch.Tensor) -> np.ndarray:
+    return x.float().contiguous().numpy()
 
 
 def attend(seg, t0: int, t1: int, qs):
     """The :class:`Partial` of ``seg``'s tokens ``[t0, t1)`` for the queries ``qs`` (see module docstring)."""
     from ..attention.online_softmax import Partial
 
-    keys, values = seg.keys, seg.values
     rows, nq, d = qs.q.shape
-    rope = seg.key_rope is not None
-    kbits, vbits = keys.bits, values.bits
-    query = qs.q_rot if (seg.key_hadamard and not rope) else qs.q
-    qc = query.float()[..., word_order(kbits, d)].contiguous()
-    qp = qs.q.float().contiguous()
-    if rope:
-        cosw, sinw, partner = _rope_layout(seg.key_rope, seg.start + seg.tokens + TILE, d, kbits)  # whole last tile
-    else:
-        cosw = sinw = np.zeros((1, 1), np.float32)
-        partner = np.zeros(1, np.int64)
-    mask, has_mask = np.zeros((1, 1, 1), np.bool_), False
-    if qs.mask is not None:
-        c0 = seg.start - qs.view.mask_offset
-        m = qs.mask[:, 0, :, max(c0, 0) : c0 + t1]
-        if not bool(m.all()):  # a full mask (plain decoding) needs no per-token test
-            assert c0 >= 0, "a partial mask must cover the segment"
-            mask, has_mask = m.contiguous().numpy(), True
-    from .cpu_attend import kernel_for, merge_chunks
-
-    kernel = kernel_for(kbits, keys.lut is not None, keys.axis == "channel", vbits, values.lut is not None,
-                        values.axis == "channel", seg.key_hadamard, rope)
-    m_out = np.empty((rows, CHUNKS, nq), np.float32)
-    l_out = np.empty((rows, CHUNKS, nq), np.float32)
-    acc = np.empty((rows, CHUNKS, nq, d), np.float32)
-    accp = np.empty((rows, CHUNKS, nq, d), np.float32)
-    kernel(
-        qc.numpy(), qp.numpy(), *_block_arrays(keys), *_block_arrays(values), cosw, sinw, partner, seg.start,
-        *_outlier_arrays(seg.key_outliers, rows), *_outlier_arrays(seg.value_outliers, rows),
-        mask, has_mask, qs.view.heads, qs.ql, seg.skip, t0, t1, _POW2, m_out, l_out, acc, accp,
-    )
-    top, l, stored, plain = (np.empty((rows, nq, 1), np.float32), np.empty((rows, nq, 1), np.float32),
-                             np.empty((rows, nq, d), np.float32), np.empty((rows, nq, d), np.float32))
-    merge_chunks(m_out, l_out, acc, accp, word_order(vbits, d).numpy(), top, l, stored, plain)
+    top, l = np.empty((rows, nq, 1), np.float32), np.empty((rows, nq, 1), np.float32)
+    stored, plain = np.empty((rows, nq, d), np.float32), np.empty((rows, nq, d), np.float32)
+    q_rot = None if qs.q_rot is None else _numpy(qs.q_rot)
+    _read(seg, t0, t1, _numpy(qs.q), q_rot, qs.mask, qs.view, qs.ql, top, l, stored, plain)
     top, l, stored, plain = (torch.from_numpy(x) for x in (top, l, stored, plain))
     if seg.value_outliers is None or not seg.value_outliers.count:
         plain = None
     if not seg.value_hadamard:
         return Partial(top, l, [stored if plain is None else stored + plain, None])
     return Partial(top, l, [plain, stored])
+
+
+@lru_cache(maxsize=None)
+def _hadamard(d: int) -> tuple[np.ndarray, np.ndarray]:
+    from ..rotation import hadamard
+
+    h = hadamard(d).float()
+    return h.numpy().copy(), h.T.contiguous().numpy()
+
+
+def _tail(seg, view) -> bool:
+    """Whether ``seg`` is the full-precision residual as :func:`decode` reads it with the own tokens:
+    plain stored keys and values, no transforms, ending where the own tokens begin."""
+    from ..quantization import Raw
+
+    return (
+        isinstance(seg.keys, Raw) and isinstance(seg.values, Raw) and not seg.skip
+        and seg.key_rope is None and not seg.key_hadamard and not seg.value_hadamard
+        and seg.key_outliers is None and seg.value_outliers is None
+        and seg.start + seg.tokens == view.history
+    )
+
+
+def decodes(view) -> bool:
+    """Whether :func:`decode` serves ``view``: every segment covered, but for a trailing residual."""
+    segs = view.segments
+    if segs and _tail(segs[-1], view):
+        segs = segs[:-1]
+    return available() and all(covers(seg) for seg in segs)
+
+
+def decode(view, query: torch.Tensor, mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
+    """A whole decoding step of one layer (see :func:`decodes`): each packed segment read by the
+    kernel into its slot, then the full-precision residual and the forward's own tokens, the merge of
+    every part and the values' un-rotation in one compiled pass that writes the output in the model's
+    layout, so a step costs a handful of calls instead of a hundred small tensor operations.
+    ``query`` (batch, q_heads, q_len, dim) → (batch, q_len, q_heads, dim): the numbers of the fused
+    backend's segment-wise path."""
+    from math import lcm
+
+    from .cpu_merge import finish
+
+    b, hq, ql, d = query.shape
+    rows, group = b * view.heads, hq // view.heads
+    nq = group * ql
+    q = _numpy((query.float() * scaling).reshape(rows, nq, d))
+    segs = view.segments
+    res_k = res_v = view.keys[:, :0]
+    if segs and _tail(segs[-1], view):
+        res_k, res_v = segs[-1].keys.data, segs[-1].values.data
+        segs = segs[:-1]
+    rotated = np.array([s.value_hadamard for s in segs], np.bool_)
+    rot, unrot = _hadamard(d)
+    q_rot = q @ rot if any(s.key_hadamard for s in segs) else q
+    n = len(segs)
+    top, l = np.empty((n, rows, nq, 1), np.float32), np.empty((n, rows, nq, 1), np.float32)
+    stored, plain = np.empty((n, rows, nq, d), np.float32), np.empty((n, rows, nq, d), np.float32)
+    for i, seg in enumerate(segs):
+        unit = lcm(seg.keys.unit_tokens, seg.values.unit_tokens)
+        _read(seg, seg.skip // unit * unit, seg.tokens, q, q_rot, mask, view, ql, top[i], l[i], stored[i], plain[i])
+    cols, has_mask = _NO_MASK, False
+    if mask is not None:  # the columns of the residual and the own tokens
+        c0 = view.history - res_k.shape[1] - view.mask_offset
+        m = mask[:, 0, :, c0 : c0 + res_k.shape[1] + view.keys.shape[1]]
+        if not bool(m.all()):
+            cols, has_mask = m.contiguous().numpy(), True
+    out = np.empty((b, ql, hq, d), np.float32)
+    finish(q, _numpy(res_k), _numpy(res_v), _numpy(view.keys), _numpy(view.values), cols, has_mask, ql, view.heads,
+           top, l, stored, plain, rotated, unrot, out)
+    return torch.from_numpy(out).to(query.dtype)
