@@ -92,9 +92,11 @@ def test_decoding_on_the_cpu_reads_the_default_storage_with_the_kernel(tiny64, m
     assert len(steps) >= 3 * 2 and any(v.segments[-1].key_rope is None for v in steps)  # with a residual too
 
 
-def test_kernel_decoding_with_left_padding_equals_dense(tiny64, one_thread):
+@pytest.mark.parametrize("backend", [FusedBackend, SplitBackend])
+def test_kernel_decoding_with_left_padding_equals_dense(tiny64, backend, one_thread):
     """Batch 2 with one row left-padded: the mask reaches the compiled decoding step (segments, the
-    residual and the own tokens), and padded positions stay out of every softmax."""
+    residual and the own tokens) and, under ``auto``, the masked prefill read; padded positions stay
+    out of every softmax."""
     torch.manual_seed(3)
     ids = torch.randint(0, 96, (2, 150))
     mask = torch.ones_like(ids)
@@ -108,17 +110,24 @@ def test_kernel_decoding_with_left_padding_equals_dense(tiny64, one_thread):
             return torch.cat([tiny64(input_ids=ids[:, s:e], attention_mask=mask[:, :e], cache=cache, use_cache=True).logits
                               for s, e in bounds], 1)
 
-    torch.testing.assert_close(feed(FusedBackend()), feed(DenseBackend()), atol=2e-4, rtol=0)
+    torch.testing.assert_close(feed(backend()), feed(DenseBackend()), atol=2e-4, rtol=0)
 
 
-def test_auto_on_the_cpu_equals_dense(tiny_llama, one_thread):
-    """``auto`` on the CPU: the fused kernel in decoding, the dense read + SDPA for prefill chunks."""
+def test_auto_on_the_cpu_equals_dense(tiny_llama, monkeypatch, one_thread):
+    """``auto`` on the CPU: the fused kernel in decoding, the dense read + SDPA for prefill chunks
+    (unpadded: the history unmasked and the own tokens causal, merged by their log-sum-exp)."""
+    from streamkv.kv.attention import split
+
+    calls = []
+    unmasked = split._history_then_own
+    monkeypatch.setattr(split, "_history_then_own", lambda *a: calls.append(1) or unmasked(*a))
     torch.manual_seed(2)
     ids = torch.randint(0, 96, (2, 120))
     q = QUANTIZERS["uniform_rotated_pre_rope"]
     ref = run(tiny_llama, build_compression(q, "fixed", "ema_relative", DenseBackend()), ids, 32, 6)
     ours = run(tiny_llama, build_compression(q, "fixed", "ema_relative", SplitBackend()), ids, 32, 6)
     torch.testing.assert_close(ours, ref, atol=2e-4, rtol=0)
+    assert len(calls) >= 2 * 2  # the prefill chunks after the first, both layers
 
 
 def test_fused_greedy_generation_equals_dense_at_8_bits(tiny_llama, one_thread):

@@ -92,21 +92,23 @@ class LayerView:
         """The position of the first history token (above 0 where a sliding window freed older ones)."""
         return min((s.start for s in self.segments), default=0)
 
-    def dense(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The dense history (from :attr:`first`) followed by the own tokens, as ``(batch, heads, tokens, dim)``
-        keys and values."""
+    def dense(self, own: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """The dense history (from :attr:`first`) followed by the own tokens (unless ``own=False``), as
+        ``(batch, heads, tokens, dim)`` keys and values."""
         rows, t, d = self.keys.shape
+        t = t if own else 0
         first = self.first
         n = self.history - first
         out = []
-        for kind, own in (("keys", self.keys), ("values", self.values)):
+        for kind, mine in (("keys", self.keys), ("values", self.values)):
             if not self.segments:
-                out.append(own.view(self.batch, self.heads, t, d))
+                out.append(mine[:, :t].view(self.batch, self.heads, t, d))
                 continue
-            buf = torch.empty(rows, n + t, d, dtype=own.dtype, device=own.device)
+            buf = torch.empty(rows, n + t, d, dtype=mine.dtype, device=mine.device)
             for seg in self.segments:
-                seg.read(kind, own.dtype, buf[:, seg.start - first : seg.start - first + seg.tokens])
-            buf[:, n:].copy_(own)
+                seg.read(kind, mine.dtype, buf[:, seg.start - first : seg.start - first + seg.tokens])
+            if t:
+                buf[:, n:].copy_(mine)
             out.append(buf.view(self.batch, self.heads, n + t, d))
         return out[0], out[1]
 
