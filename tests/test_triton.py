@@ -260,6 +260,26 @@ def test_no_host_synchronisation_in_attention(model, monkeypatch):
     compare(model, CASES["int4-prerope-rotated"], ids, steps=3)
 
 
+@pytest.mark.skipif(not ON_GPU, reason="host synchronisation is only observable on a CUDA device")
+def test_no_host_synchronisation_in_fused_decoding(model, monkeypatch):
+    """The non-dense torch path (``fused``) on a GPU: a decoding forward never waits for the device."""
+    attend = FusedBackend.attend
+
+    def strict(self, view, query, *a, **kw):
+        torch.cuda.set_sync_debug_mode("error" if query.shape[2] == 1 else "default")
+        try:
+            return attend(self, view, query, *a, **kw)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    monkeypatch.setattr(FusedBackend, "attend", strict)
+    q, sink, outlier, chunk, _ = CASES["int4-prerope-rotated"]
+    ids = torch.randint(0, 128, (1, 40), generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    ref, _ = feed(model, ids, build_compression(q, sink, outlier, "dense"), chunk, 3)
+    got, _ = shallow(feed, model, ids, build_compression(q, sink, outlier, FusedBackend()), chunk, 3)
+    torch.testing.assert_close(got.float(), ref.float(), atol=ATOL, rtol=0)
+
+
 def test_kernel_benchmark_smoke(tmp_path):
     """``python -m runners.bench_attention --smoke``: tiny shapes, a table with the triton row timed."""
     import runners.bench_attention  # noqa: F401  (the thin runner imports without Hydra)
