@@ -132,6 +132,8 @@ def _rope_layout(table, start: int, end: int, dim: int, bits: int):
         coef[:, :, order].contiguous().numpy(),
         pos[partner[order]].numpy().astype(np.int64),
     )
+    if len(held) >= 8:  # a sliding window moves its segments' start: keep the recent layouts only
+        held.clear()
     held[key] = (cos, layout)
     return layout
 
