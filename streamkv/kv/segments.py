@@ -50,6 +50,21 @@ class KVSegment:
     def tokens(self) -> int:
         return self.keys.tokens
 
+    @property
+    def unit(self) -> int:
+        """Tokens per storage unit of both blocks (a reader slices on their boundaries; 1 unquantized)."""
+        from math import lcm
+
+        from .quantization import Quantized
+
+        return lcm(*(b.unit_tokens if isinstance(b, Quantized) else 1 for b in (self.keys, self.values)))
+
+    @property
+    def read_from(self) -> int:
+        """The first token a reader starts at: ``skip`` rounded down to whole units (the kernels and
+        the tensor path mask the skipped tokens of that unit themselves)."""
+        return self.skip // self.unit * self.unit
+
     def read(self, kind: str, dtype: torch.dtype, out: torch.Tensor) -> None:
         """Write the dense ``kind`` ("keys"/"values") of all ``tokens`` into ``out`` (rows, tokens, dim):
         the reference reader every backend must agree with."""

@@ -16,12 +16,10 @@ position): such a block is dequantized, un-rotated and rotated by RoPE like the 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from math import lcm
 
 import torch
 
 from ..kernels import cpu as cpu_kernels
-from ..quantization import Quantized
 from ..rotation import hadamard_on
 from ..segments import KVSegment, LayerView
 from ..sparse import SparseOutliers
@@ -67,12 +65,11 @@ class FusedBackend:
 
     # -- one segment ------------------------------------------------------------------------------
     def _segment(self, seg: KVSegment, qs: "_Queries") -> Partial:
-        unit = lcm(_unit(seg.keys), _unit(seg.values))
-        first = seg.skip // unit * unit
         if qs.nq <= self.decode_queries:
-            return self._block(seg, first, seg.tokens, qs)
+            return self._block(seg, seg.read_from, seg.tokens, qs)
+        unit = seg.unit
         step = max(unit, self.block_tokens // unit * unit)
-        return merge_all([self._block(seg, t0, min(seg.tokens, t0 + step), qs) for t0 in range(first, seg.tokens, step)])
+        return merge_all([self._block(seg, t0, min(seg.tokens, t0 + step), qs) for t0 in range(seg.read_from, seg.tokens, step)])
 
     def _block(self, seg: KVSegment, t0: int, t1: int, qs: "_Queries") -> Partial:
         if self._kernel_reads(seg, qs):
@@ -85,24 +82,17 @@ class FusedBackend:
         part.acc = _values(seg, t0, t1, p, qs)
         return part
 
+    def _decoding_on_cpu(self, nq: int, device: torch.device) -> bool:
+        """Whether the compiled CPU kernel may serve a forward of ``nq`` queries per KV head."""
+        return self.cpu_kernel and nq <= self.decode_queries and device.type == "cpu"
+
     def _kernel_decodes(self, view: LayerView, nq: int, query: torch.Tensor) -> bool:
-        """Whether the compiled CPU kernel runs this whole forward (decoding-sized, every segment covered)."""
-        return (
-            self.cpu_kernel
-            and nq <= self.decode_queries
-            and query.device.type == "cpu"
-            and cpu_kernels.decodes(view)
-        )
+        """Whether the compiled CPU kernel runs this whole forward (every segment covered)."""
+        return self._decoding_on_cpu(nq, query.device) and cpu_kernels.decodes(view)
 
     def _kernel_reads(self, seg: KVSegment, qs: "_Queries") -> bool:
-        """Whether the compiled CPU kernel reads this segment (decoding-sized queries on the CPU)."""
-        return (
-            self.cpu_kernel
-            and qs.nq <= self.decode_queries
-            and qs.q.device.type == "cpu"
-            and cpu_kernels.covers(seg)
-            and cpu_kernels.available()
-        )
+        """Whether the compiled CPU kernel reads this segment (the mixed path)."""
+        return self._decoding_on_cpu(qs.nq, qs.q.device) and cpu_kernels.covers(seg) and cpu_kernels.available()
 
     def _own(self, view: LayerView, qs: "_Queries") -> Partial:
         """This forward's own tokens, full precision, causal among themselves."""
@@ -149,10 +139,6 @@ class _Queries:
             return r[lo:hi], t[lo:hi] - t0, c[lo:hi], v[lo:hi]
         inside = (t >= t0) & (t < t1)  # no host synchronisation: outside ones add zero at a clamped place
         return r, (t - t0).clamp(0, t1 - t0 - 1), c, v * inside
-
-
-def _unit(block) -> int:
-    return block.unit_tokens if isinstance(block, Quantized) else 1
 
 
 def _scores(seg: KVSegment, t0: int, t1: int, qs: _Queries) -> torch.Tensor:

@@ -171,6 +171,18 @@ _NO_ROPE = (np.zeros((1, 1), np.float32), np.zeros((1, 1), np.float32), np.zeros
 _NO_MASK = np.zeros((1, 1, 1), np.bool_)
 
 
+def _columns(mask: torch.Tensor | None, c0: int, c1: int) -> tuple[np.ndarray, bool]:
+    """The mask's key columns ``[c0, c1)`` as the kernels read them, and whether any is masked: a
+    full mask (plain decoding) needs no per-token test."""
+    if mask is None:
+        return _NO_MASK, False
+    m = mask[:, 0, :, max(c0, 0) : c1]
+    if bool(m.all()):
+        return _NO_MASK, False
+    assert c0 >= 0, "a partial mask must cover the columns read"
+    return m.contiguous().numpy(), True
+
+
 @lru_cache(maxsize=None)
 def _order(bits: int, dim: int) -> np.ndarray:
     return word_order(bits, dim).numpy().astype(np.int64)
@@ -188,13 +200,8 @@ def _read(seg, t0: int, t1: int, q, q_rot, mask, view, ql: int, top, l, stored, 
         rope_args = _rope_layout(seg.key_rope, seg.start, seg.start + seg.tokens, d, kbits)
     else:
         rope_args = _NO_ROPE
-    cols, has_mask = _NO_MASK, False
-    if mask is not None:
-        c0 = seg.start - view.mask_offset
-        m = mask[:, 0, :, max(c0, 0) : c0 + t1]
-        if not bool(m.all()):  # a full mask (plain decoding) needs no per-token test
-            assert c0 >= 0, "a partial mask must cover the segment"
-            cols, has_mask = m.contiguous().numpy(), True
+    c0 = seg.start - view.mask_offset
+    cols, has_mask = _columns(mask, c0, c0 + t1)
     from .cpu_attend import kernel_for
 
     kernel = kernel_for(kbits, keys.lut is not None, keys.axis == "channel", vbits, values.lut is not None,
@@ -264,8 +271,6 @@ def decode(view, query: torch.Tensor, mask: torch.Tensor | None, scaling: float)
     layout, so a step costs a handful of calls instead of a hundred small tensor operations.
     ``query`` (batch, q_heads, q_len, dim) → (batch, q_len, q_heads, dim): the numbers of the fused
     backend's segment-wise path."""
-    from math import lcm
-
     from .cpu_merge import finish
 
     b, hq, ql, d = query.shape
@@ -284,14 +289,9 @@ def decode(view, query: torch.Tensor, mask: torch.Tensor | None, scaling: float)
     top, l = np.empty((n, rows, nq, 1), np.float32), np.empty((n, rows, nq, 1), np.float32)
     stored, plain = np.empty((n, rows, nq, d), np.float32), np.empty((n, rows, nq, d), np.float32)
     for i, seg in enumerate(segs):
-        unit = lcm(seg.keys.unit_tokens, seg.values.unit_tokens)
-        _read(seg, seg.skip // unit * unit, seg.tokens, q, q_rot, mask, view, ql, top[i], l[i], stored[i], plain[i])
-    cols, has_mask = _NO_MASK, False
-    if mask is not None:  # the columns of the residual and the own tokens
-        c0 = view.history - res_k.shape[1] - view.mask_offset
-        m = mask[:, 0, :, c0 : c0 + res_k.shape[1] + view.keys.shape[1]]
-        if not bool(m.all()):
-            cols, has_mask = m.contiguous().numpy(), True
+        _read(seg, seg.read_from, seg.tokens, q, q_rot, mask, view, ql, top[i], l[i], stored[i], plain[i])
+    c0 = view.history - res_k.shape[1] - view.mask_offset  # the columns of the residual and the own tokens
+    cols, has_mask = _columns(mask, c0, c0 + res_k.shape[1] + view.keys.shape[1])
     out = np.empty((b, ql, hq, d), np.float32)
     finish(q, _numpy(res_k), _numpy(res_v), _numpy(view.keys), _numpy(view.values), cols, has_mask, ql, view.heads,
            top, l, stored, plain, rotated, unrot, out)
