@@ -8,6 +8,7 @@ network, and the seed API. Subprocess runs use the tiny head_dim-64 Llama, windo
 from __future__ import annotations
 
 import fcntl
+import importlib.util
 import json
 import os
 import signal
@@ -244,9 +245,13 @@ def test_a_hub_and_wandb_that_never_answer_are_given_up_within_the_bound(dead_pr
 
 
 def test_a_local_run_makes_no_network_request(dead_proxy, tiny64_dir, text, tmp_path):
-    out = run("runners.eval", *args(tiny64_dir, text, f"hydra.run.dir={tmp_path / 'run'}"), **online_env(dead_proxy.url))
+    out = run("runners.eval", *args(tiny64_dir, text, f"hydra.run.dir={tmp_path / 'run'}"),
+              **online_env(dead_proxy.url), PYTHONPROFILEIMPORTTIME="1")
     assert out.returncode == 0, out.stderr[-2000:]
     assert dead_proxy.accepted == 0
+    imported = {ln.rsplit("|", 1)[-1].strip() for ln in out.stderr.splitlines() if ln.startswith("import time:")}
+    if importlib.util.find_spec("kernels") is not None:  # transformers >= 5.25 routes model functions through
+        assert "kernels" in imported  # hub kernels: the run loaded it, and it asked the network nothing
 
 
 # --- the seed API --------------------------------------------------------------------------------------

@@ -271,7 +271,8 @@ def _model_rotation(model, rot, layer, x, start):
     apply = sys.modules[type(model).__module__].apply_rotary_pos_emb
     pos = torch.arange(start, start + x.shape[-2])[None]
     cos, sin = rot(x, pos, *((layer.rope_key,) if takes_layer_type(rot) else ()))
-    params = list(inspect.signature(apply).parameters)
+    # transformers >= 5.25 wraps it in a `kernels` module (hub kernels hook in there): read forward's signature
+    params = list(inspect.signature(apply.forward if isinstance(apply, torch.nn.Module) else apply).parameters)
     if params[:2] == ["q", "k"]:
         return apply(x, x, cos, sin, unsqueeze_dim=1)[1]
     return apply(x, cos, sin, unsqueeze_dim=1)  # Gemma-4: one tensor at a time
