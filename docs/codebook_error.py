@@ -24,10 +24,10 @@ from pathlib import Path
 
 import torch
 
-from streamkv.kv.quantization import quantize
-from streamkv.kv.quantizers.lloyd_max import quantize_lloyd_max
-from streamkv.kv.rotation import hadamard_on, rotate
-from streamkv.models.causal_lm import CausalLM
+from streamkv.kv.storage.codebook import quantize_lloyd_max
+from streamkv.kv.storage.packed import quantize
+from streamkv.kv.transforms.hadamard import hadamard_on, rotate
+from streamkv.lab.models.causal_lm import CausalLM
 
 WINDOW, HISTORY, SINKS = 2048, 1536, 4
 
@@ -83,8 +83,8 @@ def main() -> None:
     path = Path(sys.argv[1] if len(sys.argv) > 1 else "../shared/data/wikitext-2-raw/test.txt")
     torch.set_num_threads(1)
     q, k, v, model = capture(path)
-    from streamkv.kv.rope import RopeTable
     from streamkv.kv.model_facts import rotary_module
+    from streamkv.kv.transforms.rope import RopeTable
 
     rope = RopeTable(rotary_module(model))
     h = hadamard_on(k.shape[-1], k.device, k.dtype)

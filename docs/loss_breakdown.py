@@ -14,13 +14,13 @@ from dataclasses import dataclass
 
 import torch
 
-from streamkv.compression import build_compression
-from streamkv.context import new_cache
-from streamkv.kv.allocation import BudgetAllocator
 from streamkv.kv.compression import Compression
+from streamkv.kv.quantizers.budget import BudgetAllocator
 from streamkv.kv.quantizers.lloyd_max import LloydMaxQuantizer
-from streamkv.models.causal_lm import CausalLM
-from streamkv.streaming import compare_logprobs, windows
+from streamkv.lab.compression import build_compression
+from streamkv.lab.context import new_cache
+from streamkv.lab.models.causal_lm import CausalLM
+from streamkv.lab.streaming import compare_logprobs, windows
 
 
 class Exempting(BudgetAllocator):
@@ -53,7 +53,7 @@ def main() -> None:
     preset = sys.argv[1] if len(sys.argv) > 1 else "kv2"
     n_windows = int(sys.argv[2]) if len(sys.argv) > 2 else 2
     path = sys.argv[3] if len(sys.argv) > 3 else "../shared/data/wikitext-2-raw/test.txt"
-    from streamkv.bench import compression_for
+    from streamkv.lab.bench.plan import compression_for
 
     base, resolved = compression_for([f"experiment={preset}"])
     q = resolved["quantizer"]

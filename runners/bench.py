@@ -14,35 +14,33 @@ Examples::
 
 from __future__ import annotations
 
-from . import _cli  # noqa: F401  (one-line errors)
+import logging
+import shlex
+import sys
 
-import logging  # noqa: E402
-import shlex  # noqa: E402
-import sys  # noqa: E402
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
 
-import hydra  # noqa: E402
-from hydra.core.hydra_config import HydraConfig  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
-
-from streamkv import bench, registry  # noqa: E402
-from streamkv.kv.errors import ConfigError  # noqa: E402
+from streamkv.lab import registry
+from streamkv.lab.bench.run import run_bench
+from streamkv.lab.paths import CONF_DIR
+from streamkv.lab.runs import cli
 
 registry.load_builtins()
 
 
-@hydra.main(version_base="1.3", config_path=_cli.CONF_DIR, config_name="bench")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="bench")
+@cli.task_wrapper
 def main(cfg: DictConfig) -> dict:
     logging.getLogger("streamkv").setLevel(logging.INFO)
     run_dir = HydraConfig.get().runtime.output_dir
     command = "python -m runners.bench " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    try:
-        results = bench.run_bench(cfg, run_dir, command=command.strip())
-    except ConfigError as e:
-        _cli.fail(e)
-    print((open(f"{run_dir}/bench.md").read()), flush=True)
+    results = run_bench(cfg, run_dir, command=command.strip())
+    print(open(f"{run_dir}/bench.md").read(), flush=True)
     print(f"results: {run_dir}/bench.md, bench.csv, bench.json, bench_pareto.png", flush=True)
     return results
 
 
 if __name__ == "__main__":
-    main()
+    cli.launch(main)

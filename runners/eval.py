@@ -11,34 +11,29 @@ Examples::
 
 from __future__ import annotations
 
-from . import _cli  # noqa: F401  (one-line errors)
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
 
-import hydra  # noqa: E402
-from hydra.core.hydra_config import HydraConfig  # noqa: E402
-from hydra.types import RunMode  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
-
-import streamkv.schema  # noqa: E402,F401  (registers the primary schema)
-from streamkv import registry  # noqa: E402
-from streamkv.experiment import run_job, summary  # noqa: E402
+from streamkv.lab import registry, schema  # noqa: F401  (schema: registers the primary config's schema)
+from streamkv.lab.paths import CONF_DIR
+from streamkv.lab.runs import cli
+from streamkv.lab.runs.job import run_job, summary
 
 registry.load_builtins()
 
 
-@hydra.main(version_base="1.3", config_path=_cli.CONF_DIR, config_name="eval")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="eval")
+@cli.task_wrapper
 def main(cfg: DictConfig) -> dict:
     """Run one job; the results dict is returned so a sweeper (e.g. the Optuna tuner) can read its objective."""
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
-    try:
-        results = run_job(cfg, hc.runtime.output_dir, choices=hc.runtime.choices, group=cfg.name if multirun else None)
-    except Exception as e:
-        if multirun:  # recorded in the job's failed.json; Hydra runs the other jobs and reports at the end
-            raise
-        _cli.fail(e)  # one line, without Hydra's "Error executing job" before it
+    results = run_job(cfg, hc.runtime.output_dir, choices=hc.runtime.choices, group=cfg.name if multirun else None)
     print(summary(results, hc.runtime.output_dir), flush=True)
     return results
 
 
 if __name__ == "__main__":
-    main()
+    cli.launch(main)

@@ -1,8 +1,8 @@
 """Report on a sweep: ``python -m runners.report outputs/sweeps/<name> [--baseline DIR] [--wandb]``.
 
-Writes report.md, report.csv, pareto.png (and ablation.png for the ablation) into ``<sweep>/report``
-and prints the table; ``--wandb`` also publishes a W&B Report of the sweep's group when credentials
-exist. The logic is in :mod:`streamkv.report`.
+Writes report.md, report.csv, pareto.png (and ablation.png for the ablation; ruler.md, ruler.csv and
+needle_heatmap.png for long-context jobs) into ``<sweep>/report`` and prints the table; ``--wandb``
+also publishes a W&B Report of the sweep's group when credentials exist and logs the pictures as images. The logic is in :mod:`streamkv.lab.reports.sweep`.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from streamkv.report import make_report
+from streamkv.lab.reports.sweep import make_report
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -31,12 +31,15 @@ def main(argv: list[str] | None = None) -> None:
     print(text)
     print("wrote " + ", ".join(str(f) for f in report.files.values()))
     if args.wandb:
-        from streamkv.wandb_report import publish
+        from streamkv.lab.reports.wandb import log_images, publish
 
         logger = next((j.config.get("logger") for j in report.jobs if j.config.get("logger")), {}) or {}
         project = args.project or logger.get("project") or "streamkv"
         _, message = publish(report.name, project, args.entity or logger.get("entity"), text)
         print(message)
+        images = {k: v for k, v in report.files.items() if k in ("heatmap", "pareto")}
+        if images:
+            print(log_images(report.name, project, args.entity or logger.get("entity"), images, str(report.files["markdown"].parent)))
 
 
 if __name__ == "__main__":

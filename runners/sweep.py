@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from ._cli import SWEEPS_DIR
+from streamkv.lab.paths import SWEEPS_DIR
 
 
 def available() -> list[str]:
@@ -27,10 +27,12 @@ def main(argv: list[str] | None = None) -> None:
     if name not in available():
         print(f"error: no sweep named {name!r} in {SWEEPS_DIR}; choose one of {available()}", file=sys.stderr)
         sys.exit(2)
-    sys.argv = [sys.argv[0], "--config-dir", SWEEPS_DIR, "--config-name", name, *overrides]
+    sys.argv = [sys.argv[0], "--config-dir", str(SWEEPS_DIR), "--config-name", name, *overrides]
+    from streamkv.lab.runs.cli import launch
+
     from .eval import main as eval_main
 
-    eval_main()
+    launch(eval_main)
 
 
 if __name__ == "__main__":

@@ -78,7 +78,7 @@ def one_thread():
 def embedded():
     """The embedded SmolLM2-135M-Instruct (model, tokenizer); skipped where it is not installed."""
     from streamkv.kv.errors import ConfigError
-    from streamkv.models.causal_lm import CausalLM
+    from streamkv.lab.models.causal_lm import CausalLM
 
     try:
         return CausalLM().load()

@@ -8,11 +8,12 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from streamkv import bench, registry
+from streamkv.lab import registry
+from streamkv.lab.bench.plan import BenchConfig, MethodSpec, plan
+from streamkv.lab.bench.run import run_bench
 
 REPO = Path(__file__).resolve().parent.parent
 CONF = REPO / "conf"
@@ -29,21 +30,21 @@ def text_file(tmp_path):
     return path
 
 
-def bench_config(overrides=()) -> bench.BenchConfig:
+def bench_config(overrides=()) -> BenchConfig:
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return OmegaConf.to_object(compose(config_name="bench", overrides=list(overrides)))
 
 
 def test_plan_runs_the_reference_first_and_filters_widths():
     cfg = bench_config(["run=[kivi,hf_fp8,baseline]", "bits=[4]", "speed_bits=[2]"])
-    jobs = bench.plan(cfg)
+    jobs = plan(cfg)
     assert [(j.method, j.bits) for j in jobs] == [("baseline", 32), ("kivi", 4), ("hf_fp8", 8)]
     assert jobs[1].overrides == ["experiment=kivi", "quantizer.key_bits=4", "quantizer.value_bits=4"]
     assert [j.speed for j in jobs] == [True, False, True]  # single-width methods are always timed
-    speed_only = bench.plan(bench_config(["run=[kivi]", "bits=[4]", "measure=[decode]"]))
+    speed_only = plan(bench_config(["run=[kivi]", "bits=[4]", "measure=[decode]"]))
     assert [(j.method, j.bits) for j in speed_only] == [("kivi", 4)]  # no Δppl, no reference run
     full_cfg = bench_config()
-    full = bench.plan(full_cfg)
+    full = plan(full_cfg)
     assert {j.method for j in full} == set(full_cfg.run) and len(full) == 1 + 3 + 3 + 3 + 2 + 3 + 3 + 2 + 3 + 1  # streamkv_post_rope: on demand
 
 
@@ -82,10 +83,10 @@ def test_tiny_bench_writes_table_csv_and_plot(tiny64_dir, text_file, tmp_path):
 def test_a_crashing_method_is_reported_not_hidden(tiny64_dir, text_file, tmp_path):
     cfg = bench_config(["preset=tiny", f"model.path={tiny64_dir}", "data=text_file", f"data.path={text_file}",
                         "measure=[ppl]", "max_windows=1", "progress=false"])
-    cfg.methods["broken"] = bench.MethodSpec(label="a key group longer than a chunk",
+    cfg.methods["broken"] = MethodSpec(label="a key group longer than a chunk",
                                              overrides=["experiment=kivi", "quantizer.key_group_size=4096"], bits=[4])
     cfg.run = ["baseline", "broken"]
-    res = bench.run_bench(cfg, tmp_path)
+    res = run_bench(cfg, tmp_path)
     broken = res["rows"][1]
     assert broken["status"] == "crashed" and "key_group_size" in broken["error"]
     assert broken["resolved"]["quantizer"]["key_group_size"] == 4096  # each row records what it composed

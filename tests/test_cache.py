@@ -1,14 +1,13 @@
-import math
 
 import pytest
 import torch
 from transformers import DynamicCache
 
 from streamkv import CompressedCache, ConfigError
-from streamkv.compression import build_compression
 from streamkv.kv.outliers.ema_relative import EmaChannelStats, EmaRelativeOutliers
-from streamkv.kv.rope import RopeTable
-from streamkv.streaming import token_logprobs
+from streamkv.kv.transforms.rope import RopeTable
+from streamkv.lab.compression import build_compression
+from streamkv.lab.streaming import token_logprobs
 
 SEED = dict(quantizer={"name": "uniform", "key_group_size": 16, "value_group_size": 16}, sink="fixed", outlier="ema_relative")
 

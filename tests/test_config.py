@@ -7,9 +7,9 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-import streamkv.schema  # noqa: F401
-from streamkv import registry
-from streamkv.compression import build_compression
+import streamkv.lab.schema  # noqa: F401
+from streamkv.lab import registry
+from streamkv.lab.compression import build_compression
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 registry.load_builtins()
@@ -75,7 +75,7 @@ def test_a_new_quantizer_is_one_module_and_one_yaml(tmp_path, monkeypatch, tiny_
         "class ToyQuantizer(UniformQuantizer):\n"
         "    '''Uniform, but always 8-bit keys.'''\n"
         "    def encode_keys(self, x, exclude=None, *, layer=0):\n"
-        "        from streamkv.kv.quantization import quantize\n"
+        "        from streamkv.kv.storage.packed import quantize\n"
         "        return quantize(x, 8, self.key_axis, self.key_group_size, exclude)\n"
     )
     conf = tmp_path / "conf" / "quantizer"
@@ -88,9 +88,9 @@ def test_a_new_quantizer_is_one_module_and_one_yaml(tmp_path, monkeypatch, tiny_
         cfg = compose(config_name="eval", overrides=["quantizer=toy", f"hydra.searchpath=[file://{tmp_path / 'conf'}]"])
     comp = build_compression(cfg.quantizer, "none", "none")
     assert type(comp.quantizer).__name__ == "ToyQuantizer"
-    from streamkv import CompressedCache
-
     import torch
+
+    from streamkv import CompressedCache
 
     cache = CompressedCache.for_model(tiny_llama, comp, chunk_size=16)
     with torch.inference_mode():

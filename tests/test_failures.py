@@ -209,10 +209,10 @@ def online_env(proxy: str) -> dict:
 
 HUB_AND_WANDB = '''
 import json, sys, time
-from streamkv.data.text import WikiText2
+from streamkv.lab.data.text import WikiText2
 from streamkv.kv.errors import ConfigError
-from streamkv.loggers.wandb import WandbLogger
-from streamkv.models.causal_lm import CausalLM
+from streamkv.lab.loggers.wandb import WandbLogger
+from streamkv.lab.models.causal_lm import CausalLM
 
 out = {}
 for name, call in [("model", lambda: CausalLM(path="someorg/somemodel").positions()), ("data", lambda: WikiText2().load())]:

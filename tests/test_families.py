@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import TINY_FAMILIES, WINDOW, tiny_family_config, tiny_family_model
 from transformers import DynamicCache
 
-from conftest import TINY_FAMILIES, WINDOW, tiny_family_config, tiny_family_model
 from streamkv import CompressedCache, ConfigError
-from streamkv.compression import CompressionConfig, build_compression
 from streamkv.kv.model_facts import (
     FULL,
     LINEAR,
@@ -24,7 +23,8 @@ from streamkv.kv.model_facts import (
     rotary_module,
     takes_layer_type,
 )
-from streamkv.kv.rope import RopeTable
+from streamkv.kv.transforms.rope import RopeTable
+from streamkv.lab.compression import CompressionConfig, build_compression
 
 FAMILIES = list(TINY_FAMILIES)
 S, F = SLIDING, FULL
@@ -127,7 +127,7 @@ def test_unsupported_family_fails_before_weights_load(tmp_path):
     """Only a config on disk: the family check refuses it before transformers looks for weights."""
     from transformers import AutoConfig
 
-    from streamkv.models.causal_lm import CausalLM
+    from streamkv.lab.models.causal_lm import CausalLM
 
     AutoConfig.for_model("deepseek_v3", num_hidden_layers=1).save_pretrained(tmp_path / "mla")
     with pytest.raises(ConfigError, match="latent, not per-head K/V"):
@@ -383,7 +383,7 @@ def test_seed_api_for_any_family(tmp_path, one_thread):
 
 
 def test_evicted_tokens_leave_their_outliers_behind():
-    from streamkv.kv.sparse import SparseOutliers
+    from streamkv.kv.storage.sparse import SparseOutliers
 
     torch.manual_seed(0)
     sparse = SparseOutliers(8, rows=2, dim=4)

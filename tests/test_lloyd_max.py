@@ -6,12 +6,13 @@ import pytest
 import torch
 
 from streamkv import CompressedCache, ConfigError
-from streamkv.compression import build_compression
-from streamkv.kv.codebooks import LLOYD_MAX_BITS, gaussian_mse, lloyd_max
-from streamkv.kv.quantization import quantize
-from streamkv.kv.rotation import Rotated
-from streamkv.kv.quantizers.lloyd_max import RowSplit, Segments, decode_scale, encode_scale, quantize_lloyd_max
-from streamkv.streaming import compare_logprobs
+from streamkv.kv.storage.codebook import decode_scale, encode_scale, quantize_lloyd_max
+from streamkv.kv.storage.composite import RowSplit, Segments
+from streamkv.kv.storage.levels import LLOYD_MAX_BITS, gaussian_mse, lloyd_max
+from streamkv.kv.storage.packed import quantize
+from streamkv.kv.storage.rotated import Rotated
+from streamkv.lab.compression import build_compression
+from streamkv.lab.streaming import compare_logprobs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

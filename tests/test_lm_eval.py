@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from streamkv.compression import build_compression
-from streamkv.context import RunContext
 from streamkv.kv.errors import ConfigError
-from streamkv.lm_eval_docs import lastword_docs, rolling_docs
-from streamkv.lm_eval_model import StreamingCacheLM
-from streamkv.passkey import INTRO, NEEDLE, overhead, passkey_docs, passkey_match
-from streamkv.tasks.lm_eval import LmEval
+from streamkv.lab.compression import build_compression
+from streamkv.lab.context import RunContext
+from streamkv.lab.lm_eval.docs import lastword_docs, rolling_docs
+from streamkv.lab.lm_eval.model import StreamingCacheLM
+from streamkv.lab.longctx.passkey import INTRO, NEEDLE, overhead, passkey_docs, passkey_match
+from streamkv.lab.tasks.lm_eval import LmEval
 
 REPO = Path(__file__).resolve().parent.parent
 TEXT = "The quick brown fox jumps over the lazy dog while the cat sleeps. " * 6

@@ -3,12 +3,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streamkv.kv.packing import SUPPORTED_BITS, pack, packed_size, unpack
+from streamkv.kv.storage.packing import WIDTHS, pack, packed_size, unpack
 
 
 @settings(max_examples=60, deadline=None)
 @given(
-    bits=st.sampled_from(SUPPORTED_BITS),
+    bits=st.sampled_from(WIDTHS),
     shape=st.lists(st.integers(1, 5), min_size=0, max_size=2),
     n=st.integers(1, 70),
     seed=st.integers(0, 2**16),

@@ -9,14 +9,16 @@ import torch
 from hydra import compose, initialize_config_dir
 from transformers import DynamicCache
 
-import streamkv.schema  # noqa: F401
-from streamkv import CompressedCache, Compression, ConfigError, registry
-from streamkv.compression import build_compression, describe
-from streamkv.context import new_cache
-from streamkv.kv.quantization import quantize
-from streamkv.quantizers.hf import HFQuanto, held_bytes
-from streamkv.kv.quantizers.nonuniform import codebook, quantize_codebook
-from streamkv.streaming import token_logprobs
+import streamkv.lab.schema  # noqa: F401
+from streamkv import CompressedCache, Compression, ConfigError
+from streamkv.kv.storage.codebook import quantize_codebook
+from streamkv.kv.storage.levels import normal_float as codebook
+from streamkv.kv.storage.packed import quantize
+from streamkv.lab import registry
+from streamkv.lab.compression import build_compression, describe
+from streamkv.lab.context import new_cache
+from streamkv.lab.peers.hf import HFQuanto, held_bytes
+from streamkv.lab.streaming import token_logprobs
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 registry.load_builtins()

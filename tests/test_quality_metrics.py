@@ -5,11 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from streamkv.context import new_cache
-from streamkv.compression import build_compression
-from streamkv.context import RunContext
-from streamkv.streaming import compare_logprobs, token_logprobs
-from streamkv.tasks.perplexity import Perplexity
+from streamkv.lab.compression import build_compression
+from streamkv.lab.context import RunContext, new_cache
+from streamkv.lab.streaming import compare_logprobs, token_logprobs
+from streamkv.lab.tasks.perplexity import Perplexity
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -3,7 +3,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streamkv.kv.quantization import Raw, encode, quantize
+from streamkv.kv.storage.packed import encode, quantize
+from streamkv.kv.storage.raw import Raw
 
 
 @settings(max_examples=40, deadline=None)
@@ -61,7 +62,7 @@ def test_sixteen_bits_is_fp16_raw():
 
 
 def test_hadamard_rotation_is_orthonormal_and_read_back():
-    from streamkv.kv.rotation import hadamard
+    from streamkv.kv.transforms.hadamard import hadamard
 
     h = hadamard(64)
     torch.testing.assert_close(h @ h.T, torch.eye(64), atol=1e-6, rtol=0)

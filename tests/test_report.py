@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from runners import report as report_runner
-from streamkv import wandb_report
-from streamkv.report import make_report, pareto_front
+from streamkv.lab.reports import wandb as wandb_report
+from streamkv.lab.reports.sweep import make_report, pareto_front
 
 
 def fake_job(root: Path, variant: str, ppl: float | None = None, bits: float = 4.6, quantizer: str = "uniform",

@@ -1,6 +1,6 @@
 import torch
 
-from streamkv.kv.sparse import SparseOutliers
+from streamkv.kv.storage.sparse import SparseOutliers
 
 
 def test_offsets_survive_many_appends_past_the_int16_range():

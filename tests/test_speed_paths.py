@@ -5,13 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from streamkv.kv.packing import SUPPORTED_BITS, _pack_shifts, _unpack_shifts, pack, unpack
-from streamkv.kv.quantization import Raw, quantize
-from streamkv.kv.quantizers.nonuniform import quantize_codebook
-from streamkv.kv.rope import RopeTable
+from streamkv.kv.storage.codebook import quantize_codebook
+from streamkv.kv.storage.packed import quantize
+from streamkv.kv.storage.packing import WIDTHS, _pack_shifts, _unpack_shifts, pack, unpack
+from streamkv.kv.storage.raw import Raw
+from streamkv.kv.transforms.rope import RopeTable
 
 
-@pytest.mark.parametrize("bits", SUPPORTED_BITS)
+@pytest.mark.parametrize("bits", WIDTHS)
 def test_pack_and_unpack_match_the_per_code_shift_versions(bits):
     g = torch.Generator().manual_seed(bits)
     for shape in [(), (3,), (2, 5)]:

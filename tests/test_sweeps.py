@@ -17,8 +17,8 @@ import pytest
 import torch
 import yaml
 
-from streamkv.jobdir import slug
-from streamkv.report import make_report
+from streamkv.lab.reports.sweep import make_report
+from streamkv.lab.runs.jobdir import slug
 
 REPO = Path(__file__).resolve().parent.parent
 CONF, SWEEPS = REPO / "conf", REPO / "sweeps"
@@ -35,8 +35,8 @@ def compose_sweep(name: str, overrides: list[str] = ()):
     from hydra.core.global_hydra import GlobalHydra
     from hydra.types import RunMode
 
-    import streamkv.schema  # noqa: F401
-    from streamkv import registry
+    import streamkv.lab.schema  # noqa: F401
+    from streamkv.lab import registry
 
     registry.load_builtins()
     search_path = create_config_search_path(str(CONF))

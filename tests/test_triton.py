@@ -10,11 +10,11 @@ are compiled and run on it (``tools/gpu_check.sh``). Tolerance: float32 logits w
 from __future__ import annotations
 
 import copy
-from concurrent.futures import ThreadPoolExecutor
 import inspect
 import math
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -35,7 +35,7 @@ from streamkv.kv.attention import AutoBackend, DenseBackend, FusedBackend, Trito
 from streamkv.kv.kernels import triton_attention  # noqa: E402
 
 try:
-    from streamkv.compression import build_compression  # noqa: E402
+    from streamkv.lab.compression import build_compression  # noqa: E402
 except ImportError:  # the GPU image may lack Hydra: the same engine components, built directly
 
     def build_compression(quantizer="none", sink="none", outlier="none", attention="auto"):
@@ -91,6 +91,10 @@ CASES = {
                              "fixed", OUTLIERS, 16, dict(block_n=16)),
     "int4-ragged-groups-and-tiles": (_uniform(4, 3, key_group_size=24, value_group_size=4, **ROT), "fixed", OUTLIERS, 24,
                                      dict(block_n=16, splits=2)),
+    "lloyd-max-log8-keys-codebook": ({"name": "lloyd_max", "key_bits": 3, "value_bits": 2, "key_group_size": 16, "value_group_size": 0,
+                                      "key_codebook": "lloyd_max"}, "fixed", OUTLIERS, 16, dict(block_n=16)),
+    "lloyd-max-preset-layout": ({"name": "lloyd_max", "key_bits": 4, "value_bits": 3, "key_group_size": 16}, "fixed", "none", 16,
+                                dict(block_n=16, splits=2)),
     "int2-residual-many": ({**_uniform(2, 4), "residual_length": 20}, "fixed", "none", 16, dict(block_n=16)),
     "int4-per-token-residual-0": ({"name": "int_per_token", "key_bits": 4, "value_bits": 2}, "none", "none", 16, dict(block_n=16)),
 }
@@ -171,7 +175,8 @@ def test_byte_per_code_reads_match_dense(model, name, monkeypatch):
 
 
 def test_storage_without_a_kernel_is_read_by_fused(model, monkeypatch):
-    """A block class the kernels do not read (lloyd_max's codebook blocks) sends the forward to ``fused``."""
+    """A block class the kernels do not read (a budgeted quantizer's blocks of several widths) sends the
+    forward to ``fused``."""
     pytest.importorskip("hydra", reason="the lloyd_max quantizer is built through the registry here")
     from streamkv.kv.attention import fused
 
@@ -179,7 +184,7 @@ def test_storage_without_a_kernel_is_read_by_fused(model, monkeypatch):
     attend = fused.FusedBackend.attend
     monkeypatch.setattr(fused.FusedBackend, "attend", lambda self, *a: calls.append(1) or attend(self, *a))
     ids = torch.randint(0, 128, (1, 40), generator=torch.Generator().manual_seed(8)).to(DEVICE)
-    q = {"name": "lloyd_max", "key_bits": 3, "value_bits": 2, "key_group_size": 16, "value_group_size": 16}
+    q = {"name": "lloyd_max", "key_group_size": 16, "value_group_size": 16, "budget_bits": 5.5, "widths": [2, 8]}
     compare(model, (q, "fixed", "none", 16, {}), ids, steps=2)
     assert calls
 
@@ -282,8 +287,7 @@ def test_no_host_synchronisation_in_fused_decoding(model, monkeypatch):
 
 def test_kernel_benchmark_smoke(tmp_path):
     """``python -m runners.bench_attention --smoke``: tiny shapes, a table with the triton row timed."""
-    import runners.bench_attention  # noqa: F401  (the thin runner imports without Hydra)
-    from streamkv.bench_attention import main
+    from runners.bench_attention import main  # the thin runner imports without Hydra
 
     result = shallow(main, ["--smoke", "--backends", "sdpa,triton", "--out", str(tmp_path), "--device", str(DEVICE)])
     rows = {(r["batch"], r["backend"]): r for r in result["rows"]}

@@ -2,7 +2,7 @@
 
 import pytest
 
-from streamkv.tuning import Budget, lookup, objective
+from streamkv.lab.tuning import Budget, lookup, objective
 
 RESULTS = {"metrics": {"ppl": 20.0}, "compression": {"avg_bits": 4.5}}
 

@@ -29,8 +29,9 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import mangle_type  # noqa: E402
 
-import streamkv.bench_attention as bench  # noqa: E402
 import streamkv.kv.kernels.triton_attention as kernels  # noqa: E402
+import streamkv.lab.bench.attention as bench  # noqa: E402
+import streamkv.lab.bench.attention_verify as verify_mod  # noqa: E402
 from streamkv.kv.attention import triton as backend  # noqa: E402
 
 SMEM = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}  # opt-in shared memory per block
@@ -106,9 +107,9 @@ def main() -> int:
 
     backend.TritonBackend.attend = launches_only
     wanted = [s for s in a.storages.split(",") if s]
-    bench.VERIFY = {k: v for k, v in bench.VERIFY.items() if not wanted or any(w in k for w in wanted)}
+    verify_mod.VERIFY = {k: v for k, v in verify_mod.VERIFY.items() if not wanted or any(w in k for w in wanted)}
     dtypes = tuple(getattr(torch, d) for d in a.dtypes.split(","))
-    bench.verify(bench.Setup(contexts=[], batches=[], q_heads=8, kv_heads=2), torch.device("cpu"), context=300, batch=1,
+    verify_mod.verify(bench.Setup(contexts=[], batches=[], q_heads=8, kv_heads=2), torch.device("cpu"), context=300, batch=1,
                  dtypes=dtypes, quiet=True)
     print(f"{len(seen)} specializations compiled for sm_{a.arch}; {len(failures)} failed", flush=True)
     return 1 if failures else 0

@@ -21,7 +21,7 @@ from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 
-from streamkv.tuning import Budget, objective
+from streamkv.lab.tuning import Budget, objective
 
 from .config import OptunaSweeperConf  # noqa: F401  (stores the schema)
 

@@ -27,8 +27,7 @@ from .contracts import PerSequence
 from .errors import ConfigError, check
 from .layer import CompressedLayer
 from .model_facts import FULL, LINEAR, SLIDING, ModelFacts, facts_of, rotary_module
-from .model_facts import SUPPORTED_FAMILIES  # noqa: F401 - where it used to live
-from .rope import RopeTable
+from .transforms.rope import RopeTable
 
 
 class CompressedCache(Cache):
@@ -107,6 +106,14 @@ class CompressedCache(Cache):
         if not backend.materializes:
             interface.use_on(model)
         return cls(compression, quantize_own_chunk=quantize_own_chunk, backend=backend, facts=facts, ropes=ropes)
+
+    def set_compressing(self, on: bool) -> None:
+        """Whether tokens fed from now on are compressed (default) or kept at full precision beside the
+        compressed history: long-context evaluation compresses a context, then asks its question
+        uncompressed (kvpress's protocol). Tokens already held keep their form."""
+        for layer in self.layers:
+            if isinstance(layer, CompressedLayer):
+                layer.compressing = on
 
     def stats(self) -> dict[str, Any]:
         """Compression statistics counted from the tensors the cache holds.

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterable
 
-from .attention.backend import AttentionBackend, AutoBackend
+from .attention.auto import AutoBackend
+from .attention.backend import AttentionBackend
 from .contracts import OutlierDetector, Quantizer, SinkPolicy
 from .outliers.none import NoOutliers
 from .quantizers.none import NoQuantizer

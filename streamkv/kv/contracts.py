@@ -2,7 +2,7 @@
 
 The engine never discovers a component's abilities with ``getattr`` defaults: a quantizer, a sink
 policy and an outlier detector are whatever satisfies these protocols. The lab builds them from
-config groups (``streamkv.registry``) and hands them down; a serving stack can build them directly.
+config groups (``streamkv.lab.registry``) and hands them down; a serving stack can build them directly.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """User-facing errors.
 
 A :class:`ConfigError` is a mistake the user can fix (a bad value, a missing file). Runners print it as
-one line and exit non-zero without a traceback (every other failure too: see ``runners/_cli.py``).
+one line and exit non-zero without a traceback (every other failure too: see :mod:`streamkv.lab.runs.cli`).
 """
 
 

@@ -25,18 +25,19 @@ held tokens and the first one's position, so transformers' sliding mask lines up
 from __future__ import annotations
 
 from copy import copy
-from dataclasses import fields, replace
 from typing import Any
 
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
+from .attention.interface import carry
+from .attention.view import KVSegment, LayerView
 from .compression import Compression
-from .quantization import Raw, encode
-from .rope import RopeTable
-from .rotation import Rotated
-from .segments import KVSegment, LayerView, attach
-from .sparse import SparseOutliers
+from .storage.composite import compact
+from .storage.packed import encode
+from .storage.raw import Raw
+from .storage.sparse import SparseOutliers
+from .transforms.rope import RopeTable
 
 
 class _Stream:
@@ -82,6 +83,7 @@ class CompressedLayer(CacheLayerMixin):
         self.is_sliding = window is not None
         self.seen = 0  # tokens received; also the next token's position
         self.start = 0  # position of the first token held (a sliding layer frees what no query can see)
+        self.compressing = True  # False: new tokens stay at full precision (the question after a compressed context)
 
     # -- transformers' layer protocol -------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -116,7 +118,7 @@ class CompressedLayer(CacheLayerMixin):
             return out
         self._append(k, v)  # the view holds the history as it was: appending and evicting replace, never mutate, its tensors
         self._evict()
-        return attach(key_states, view), value_states
+        return carry(key_states, view), value_states
 
     def view(self, k: torch.Tensor, v: torch.Tensor) -> LayerView:
         """The read contract: the stored history as segments, then this forward's ``k``/``v``."""
@@ -129,7 +131,7 @@ class CompressedLayer(CacheLayerMixin):
             segments.append(KVSegment.of(self.start, self.k.sinks, self.v.sinks, key_rope=self.rope))
         if self.k.residual.shape[1]:
             segments.append(KVSegment(self.start + self.body_tokens, Raw(self.k.residual), Raw(self.v.residual)))
-        return LayerView(segments, k, v, self.batch, self.heads, backend=self.backend, mask_offset=self.start)
+        return LayerView(segments, k, v, self.batch, self.heads, backend=self.backend, mask_offset=self.start, layer=self.index)
 
     def get_seq_length(self) -> int:
         return self.seen
@@ -150,6 +152,7 @@ class CompressedLayer(CacheLayerMixin):
         self.is_initialized = False
         self.seen = 0
         self.start = 0
+        self.compressing = True
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         raise NotImplementedError("the compressed cache does not support beam search")
@@ -166,7 +169,7 @@ class CompressedLayer(CacheLayerMixin):
         self.k.residual = torch.cat([self.k.residual, k], 1)
         self.v.residual = torch.cat([self.v.residual, v], 1)
         self.seen += k.shape[1]
-        if not self.c.enabled:
+        if not self.c.enabled or not self.compressing:
             return
         q = self.c.quantizer
         pending = self.k.residual.shape[1] - q.residual_length
@@ -197,9 +200,9 @@ class CompressedLayer(CacheLayerMixin):
         if n <= 0:
             return
         for s in (self.k, self.v):
-            s.body = _drop_front(s.body, n) if n < s.body.tokens else None
+            s.body = compact(s.body.slice_tokens(n, s.body.tokens)) if n < s.body.tokens else None
             if s.sinks is not None:
-                s.sinks = _drop_front(s.sinks, n) if n < s.sinks.tokens else None
+                s.sinks = compact(s.sinks.slice_tokens(n, s.sinks.tokens)) if n < s.sinks.tokens else None
             if s.outliers is not None:
                 s.outliers.drop_tokens(n)
         self.start += n
@@ -241,12 +244,3 @@ class CompressedLayer(CacheLayerMixin):
                 "outliers": 0 if s.outliers is None else s.outliers.count,
             }
         return out
-
-
-def _drop_front(block: Any, n: int) -> Any:
-    """``block`` without its first ``n`` tokens, in tensors of its own (the freed ones really go)."""
-    if isinstance(block, Rotated):
-        return Rotated(_drop_front(block.inner, n))
-    part = block.slice_tokens(n, block.tokens)
-    tensors = {f.name: getattr(part, f.name).clone() for f in fields(part) if isinstance(getattr(part, f.name), torch.Tensor)}
-    return replace(part, **tensors)

@@ -4,7 +4,7 @@
 from dataclasses import dataclass
 from typing import Optional
 
-from streamkv.registry import register
+from streamkv.lab.registry import register
 
 
 @register("task", "crash")

@@ -1,21 +1,16 @@
-"""Attention backends: how a forward attends on a compressed layer's history.
+"""Attention readers: how a forward attends on a compressed layer's history (the read contract:
+:mod:`.view`), one module per reader.
 
 ``dense`` materialises the history (the reference); ``fused`` attends on the compressed segments
-with an online softmax (CPU kernels in decoding); ``triton`` runs fused GPU kernels; ``auto`` picks
-the fastest that meets the quality target on the model's device (on the CPU: ``fused`` for decoding,
-the dense read for prefill chunks).
+with an online softmax (its compiled CPU kernel's host side: :mod:`.cpu`); ``triton`` runs fused GPU
+kernels (host side: :mod:`.triton`); ``auto`` picks the fastest that meets the quality target on the
+model's device (:mod:`.auto`). Compiled code lives in :mod:`streamkv.kv.kernels`.
 """
 
-from .backend import AttentionBackend, AutoBackend
+from .auto import AutoBackend, SplitBackend, resolve
+from .backend import AttentionBackend
 from .dense import DenseBackend
 from .fused import FusedBackend
-from .split import SplitBackend
 from .triton import TritonBackend
-
-
-def resolve(backend, device) -> AttentionBackend:
-    """The concrete backend for ``device`` (``auto`` resolved)."""
-    return backend.resolve(device) if isinstance(backend, AutoBackend) else backend
-
 
 __all__ = ["AttentionBackend", "AutoBackend", "DenseBackend", "FusedBackend", "SplitBackend", "TritonBackend", "resolve"]

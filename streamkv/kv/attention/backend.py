@@ -1,13 +1,12 @@
-"""What an attention backend is, and which one serves a device when none is named (``auto``)."""
+"""What an attention backend is."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import torch
 
-from ..segments import LayerView
+from .view import LayerView
 
 
 @runtime_checkable
@@ -26,27 +25,3 @@ class AttentionBackend(Protocol):
     def check(self, compression, device: torch.device) -> None: ...
 
     def attend(self, view: LayerView, query: torch.Tensor, mask: torch.Tensor | None, scaling: float) -> torch.Tensor: ...
-
-
-@dataclass
-class AutoBackend:
-    """The fastest backend that meets the quality target on the model's device, chosen by measurement
-    (README, "Attention backends"): on the CPU, ``fused`` for decoding and the dense read for prefill
-    chunks (:class:`~streamkv.kv.attention.split.SplitBackend`); ``triton`` on a CUDA GPU where
-    Triton is installed, else ``fused``."""
-
-    name = "auto"
-
-    def resolve(self, device: torch.device) -> AttentionBackend:
-        from .fused import FusedBackend
-
-        if device.type == "cuda":
-            from .triton import TritonBackend
-
-            if TritonBackend.importable():
-                return TritonBackend()
-        if device.type == "cpu":
-            from .split import SplitBackend
-
-            return SplitBackend()
-        return FusedBackend()

@@ -5,7 +5,7 @@ output instead: a Hadamard-rotated key needs the query rotated once, ``(q H)·(k
 values need the output un-rotated once, ``(Σ p ṽ) Hᵀ``. Sparse outliers correct the scores and
 outputs at their own coordinates. Segments (and blocks of a long segment in chunked prefill) are
 merged with an online softmax. In decoding on the CPU, compiled code runs the whole step
-(:func:`streamkv.kv.kernels.cpu.decode`: each packed segment read in one pass, scores, softmax and
+(:func:`streamkv.kv.attention.cpu.decode`: each packed segment read in one pass, scores, softmax and
 values together, keys stored before RoPE un-rotated and rotated inside it; then the residual, the own
 tokens and the merge); everything else is a few tensor ops per block.
 
@@ -19,11 +19,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ..kernels import cpu as cpu_kernels
-from ..rotation import hadamard_on
-from ..segments import KVSegment, LayerView
-from ..sparse import SparseOutliers
+from ..storage.sparse import SparseOutliers
+from ..transforms.hadamard import hadamard_on
+from . import cpu
 from .online_softmax import Partial, merge_all
+from .view import DECODE_QUERIES, KVSegment, LayerView
 
 NEG_INF = float("-inf")
 
@@ -38,7 +38,7 @@ class FusedBackend:
     """
 
     block_tokens: int = 1024
-    decode_queries: int = 16
+    decode_queries: int = DECODE_QUERIES
     cpu_kernel: bool = True
 
     name = "fused"
@@ -49,31 +49,31 @@ class FusedBackend:
 
     def attend(self, view: LayerView, query: torch.Tensor, mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
         """``query`` (batch, q_heads, q_len, dim) → output (batch, q_len, q_heads, dim)."""
-        b, hq, ql, d = query.shape
-        group = hq // view.heads
-        rows, nq = b * view.heads, group * ql
-        if self._kernel_decodes(view, nq, query):
-            return cpu_kernels.decode(view, query, mask, scaling)
-        q = (query * scaling).reshape(rows, nq, d)
-        rot = hadamard_on(d, q.device, q.dtype) if any(s.key_hadamard or s.value_hadamard for s in view.segments) else None
-        qs = _Queries(q, None if rot is None else q @ rot, rot, mask, view, group, ql)
+        gq = view.grouping(query)
+        decoding = view.is_decoding(query, self.decode_queries)
+        kernel = decoding and self.cpu_kernel and query.device.type == "cpu" and cpu.available()
+        if kernel and cpu.decodes(view):
+            return cpu.decode(view, query, mask, scaling)
+        q = gq.rows_of(query * scaling)
+        rot = hadamard_on(gq.dim, q.device, q.dtype) if any(s.key_hadamard or s.value_hadamard for s in view.segments) else None
+        qs = _Queries(q, None if rot is None else q @ rot, rot, mask, view, gq, decoding, kernel)
         parts = [self._segment(seg, qs) for seg in view.segments]
         parts.append(self._own(view, qs))
         plain, rotated = merge_all(parts).output()
         out = plain if rotated is None else (rotated @ rot.float().T if plain is None else plain + rotated @ rot.float().T)
-        return out.to(query.dtype).view(b, view.heads, group, ql, d).reshape(b, hq, ql, d).transpose(1, 2)
+        return gq.output(out, query.dtype)
 
     # -- one segment ------------------------------------------------------------------------------
     def _segment(self, seg: KVSegment, qs: "_Queries") -> Partial:
-        if qs.nq <= self.decode_queries:
+        if qs.decoding:
             return self._block(seg, seg.read_from, seg.tokens, qs)
         unit = seg.unit
         step = max(unit, self.block_tokens // unit * unit)
         return merge_all([self._block(seg, t0, min(seg.tokens, t0 + step), qs) for t0 in range(seg.read_from, seg.tokens, step)])
 
     def _block(self, seg: KVSegment, t0: int, t1: int, qs: "_Queries") -> Partial:
-        if self._kernel_reads(seg, qs):
-            return cpu_kernels.attend(seg, t0, t1, qs)
+        if qs.kernel and cpu.covers(seg):
+            return cpu.attend(seg, t0, t1, qs)
         scores = _scores(seg, t0, t1, qs)
         if seg.skip > t0:
             scores[..., : seg.skip - t0] = NEG_INF
@@ -81,18 +81,6 @@ class FusedBackend:
         part, p = Partial.of(scores)
         part.acc = _values(seg, t0, t1, p, qs)
         return part
-
-    def _decoding_on_cpu(self, nq: int, device: torch.device) -> bool:
-        """Whether the compiled CPU kernel may serve a forward of ``nq`` queries per KV head."""
-        return self.cpu_kernel and nq <= self.decode_queries and device.type == "cpu"
-
-    def _kernel_decodes(self, view: LayerView, nq: int, query: torch.Tensor) -> bool:
-        """Whether the compiled CPU kernel runs this whole forward (every segment covered)."""
-        return self._decoding_on_cpu(nq, query.device) and cpu_kernels.decodes(view)
-
-    def _kernel_reads(self, seg: KVSegment, qs: "_Queries") -> bool:
-        """Whether the compiled CPU kernel reads this segment (the mixed path)."""
-        return self._decoding_on_cpu(qs.nq, qs.q.device) and cpu_kernels.covers(seg) and cpu_kernels.available()
 
     def _own(self, view: LayerView, qs: "_Queries") -> Partial:
         """This forward's own tokens, full precision, causal among themselves."""
@@ -112,18 +100,19 @@ class FusedBackend:
 class _Queries:
     """The query of one forward in the layouts the segments need, and its mask."""
 
-    def __init__(self, q, q_rot, rot, mask, view: LayerView, group: int, ql: int):
-        self.q, self.q_rot, self.rot, self.ql, self.group = q, q_rot, rot, ql, group
-        self.nq = q.shape[1]
+    def __init__(self, q, q_rot, rot, mask, view: LayerView, gq, decoding: bool, kernel: bool):
+        self.q, self.q_rot, self.rot, self.ql, self.group = q, q_rot, rot, gq.q_len, gq.group
+        self.nq = gq.nq
         self.mask, self.view = mask, view
+        self.decoding = decoding  # a decoding step: each segment read in one pass
+        self.kernel = kernel  # ... by the compiled CPU kernel where it covers the segment
         self.sparse: dict[int, tuple] = {}  # outlier coordinates, decoded once per forward
 
     def apply_mask(self, scores: torch.Tensor, position: int) -> None:
         """Mask ``scores`` (rows, nq, tokens) whose first column is the key at ``position``."""
         if self.mask is None:
             return
-        c0 = position - self.view.mask_offset
-        m = self.mask[:, :, :, c0 : c0 + scores.shape[-1]]  # (batch, 1, q_len, tokens), True = attend
+        m = self.view.columns(self.mask, position, scores.shape[-1])  # (batch, 1, q_len, tokens), True = attend
         b = m.shape[0]
         m = m.unsqueeze(2).expand(b, self.view.heads, self.group, self.ql, m.shape[-1])
         scores.masked_fill_(~m.reshape(scores.shape), NEG_INF)

@@ -9,27 +9,28 @@ packed widths 1/2/3/4/8, per-channel and per-token groups, codebook LUTs, Hadama
 values, keys stored before RoPE (rotated back and RoPE'd in the kernel), sinks and sparse outliers.
 
 No host synchronisation happens in a forward: sizes come from shapes, outlier lists are built with
-sorts and searches on the device (once per stored outlier set, cached on its tensors). A segment the
-kernels do not read (an unknown storage class) sends the whole forward to the ``fused`` backend.
+sorts and searches on the device (once per stored outlier set, held by it). A segment the kernels do
+not read (a storage class they do not know) sends the whole forward to the ``fallback`` backend.
 Under ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors (slowly: for tests).
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 import torch
 
 from ..errors import ConfigError
-from ..quantization import Quantized, Raw
-from ..rope import rotate_half
-from ..rotation import hadamard, hadamard_on
-from ..segments import KVSegment, LayerView
+from ..storage.packed import Quantized
+from ..storage.packing import RAW_BITS, WIDTHS
+from ..storage.raw import Raw
+from ..transforms.hadamard import hadamard, hadamard_on
+from ..transforms.rope import rotate_half
+from .fused import FusedBackend
+from .view import DECODE_QUERIES, KVSegment, LayerView
 
-BITS = (1, 2, 3, 4, 8)  # packed widths the kernel reads; 16-bit storage is Raw
-_CACHE = "_streamkv_triton"  # per-tensor cache (outlier lists, dense sinks) on the stored tensors
 DECODE_WARPS, PREFILL_WARPS = 4, 8  # warps per program (tools/triton_compile_check.py reports registers and spills)
 ROW_LOADS = True  # read each token's packed bytes as one row and spread them in registers (False: byte per code)
 
@@ -59,8 +60,9 @@ class TritonBackend:
 
     block_n: int = 64
     block_m: int = 128
-    decode_queries: int = 16
+    decode_queries: int = DECODE_QUERIES
     splits: int = 0
+    fallback: FusedBackend = field(default_factory=FusedBackend)
 
     name = "triton"
     materializes = False
@@ -83,31 +85,27 @@ class TritonBackend:
         q = compression.quantizer
         for kind in ("key", "value"):
             bits = getattr(q, f"{kind}_bits", None)  # a quantizer without fixed widths is checked when read
-            if isinstance(bits, int) and bits not in (*BITS, 16):
-                raise ConfigError(f"attention=triton reads packed widths {list(BITS)}, not quantizer.{kind}_bits={bits}; use attention=fused")
+            if isinstance(bits, int) and bits not in (*WIDTHS, RAW_BITS):
+                raise ConfigError(f"attention=triton reads packed widths {list(WIDTHS)}, not quantizer.{kind}_bits={bits}; use attention=fused")
 
     # -- one forward ------------------------------------------------------------------------------
     def attend(self, view: LayerView, query: torch.Tensor, mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
         """``query`` (batch, q_heads, q_len, dim) → output (batch, q_len, q_heads, dim)."""
         plan = _plan(view, query)
         if plan is None:
-            from .fused import FusedBackend
-
-            return FusedBackend().attend(view, query, mask, scaling)
+            return self.fallback.attend(view, query, mask, scaling)
         from ..kernels import triton_attention as K
 
         body, pieces = plan
-        b, hq, ql, d = query.shape
-        heads = view.heads
-        group = hq // heads
-        rows, nq = b * heads, group * ql
+        gq = view.grouping(query)
+        b, hq, ql, d, heads, group, rows, nq = gq.batch, gq.q_heads, gq.q_len, gq.dim, gq.heads, gq.group, gq.rows, gq.nq
         dev, dt = query.device, query.dtype
-        q = query.reshape(rows, nq, d)
+        q = gq.rows_of(query)
         if q.stride(-1) != 1:
             q = q.contiguous()
         dp = max(16, triton_next_pow2(d))
         bn = self.block_n
-        decode = nq <= self.decode_queries
+        decode = view.is_decoding(query, self.decode_queries)
         # float32 operands take twice the shared memory: 128-query blocks would not fit in a Hopper SM's 227 KiB
         bm = max(16, triton_next_pow2(nq)) if decode else (self.block_m if dt != torch.float32 else min(self.block_m, 64))
         q_blocks = -(-nq // bm)
@@ -202,9 +200,10 @@ def _block_args(block: Quantized | None, dummy: torch.Tensor) -> _Block:
         out = _Block((dummy, dummy, dummy, dummy, 0, 0, 0, 0))
         out.bits, out.axis, out.group, out.lut = 8, 1, 1, False
         return out
-    codes, scale, zero = block.codes, block.scale, block.zero
+    codes = block.codes
+    scale = block.scale if block.scale.is_floating_point() else block.derived.setdefault("scale", block.scale_values(torch.float32))
     scale = scale.reshape(scale.shape[0], scale.shape[1], -1)
-    zero = zero.reshape(zero.shape[0], zero.shape[1], -1)
+    zero = block.zero.reshape(scale.shape) if block.has_zero else block.derived.setdefault("zero", torch.zeros_like(scale))
     if codes.stride(-1) != 1:
         codes = codes.contiguous()
     if scale.stride(-1) != 1 or zero.stride() != scale.stride():
@@ -217,12 +216,7 @@ def _block_args(block: Quantized | None, dummy: torch.Tensor) -> _Block:
 
 
 def _covered(block, dim: int) -> bool:
-    return isinstance(block, Quantized) and block.bits in BITS and block.dim == dim
-
-
-def _plain_raw(seg: KVSegment) -> bool:
-    return (isinstance(seg.keys, Raw) and isinstance(seg.values, Raw) and seg.key_rope is None and not seg.key_hadamard
-            and not seg.value_hadamard and seg.key_outliers is None and seg.value_outliers is None)
+    return isinstance(block, Quantized) and block.bits in WIDTHS and block.dim == dim
 
 
 def _plan(view: LayerView, query: torch.Tensor):
@@ -235,7 +229,7 @@ def _plan(view: LayerView, query: torch.Tensor):
     for seg in view.segments:
         if seg is body or seg.tokens <= seg.skip:
             continue
-        if _plain_raw(seg):
+        if seg.plain:
             k, v = seg.keys.data, seg.values.data
         elif isinstance(seg.keys, (Quantized, Raw)) and isinstance(seg.values, (Quantized, Raw)):
             k, v = _dense(seg, query.dtype)  # small (sinks): read once with the reference reader, cached
@@ -255,15 +249,14 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
 
 
 def _dense(seg: KVSegment, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """The segment read densely by the reference reader, cached on its stored tensors."""
-    anchor = seg.keys.tensors()[0]
-    cache = anchor.__dict__.setdefault(_CACHE, {})
-    key = ("dense", dtype, seg.start)
+    """The segment read densely by the reference reader, once, held by its stored keys."""
+    cache = seg.keys.derived
+    key = ("triton-dense", dtype, seg.start)
     if key not in cache:
-        rows, dim = anchor.shape[0], seg.values.dim if isinstance(seg.values, Quantized) else seg.values.data.shape[-1]
+        rows = seg.keys.tensors()[0].shape[0]
         out = []
         for kind in ("keys", "values"):
-            buf = torch.empty(rows, seg.tokens, dim, dtype=dtype, device=anchor.device)
+            buf = torch.empty(rows, seg.tokens, seg.values.dim, dtype=dtype, device=seg.keys.device)
             seg.read(kind, dtype, buf)
             out.append(buf)
         cache[key] = tuple(out)
@@ -276,17 +269,17 @@ def _outlier_lists(seg: KVSegment, kind: str, rows: int, bn: int, cos: torch.Ten
     (row, token). An outlier δ adds to its body value (un-rotated, pre-RoPE). Keys: a score bias
     ``q[c] a + q[partner(c)] b`` (a = δ, b = 0 without RoPE); values: ``p δ`` at channel c (δ = a).
 
-    Built on the device with a stable sort and a search (no host synchronisation) and cached on the
-    outlier store's tensors, which are replaced whenever outliers are appended."""
+    Built on the device with a stable sort and a search (no host synchronisation), once per version of
+    the outlier store, and held by it."""
     sparse = seg.key_outliers if kind == "keys" else seg.value_outliers
     if sparse is None or sparse.count == 0:
         return None
     block = seg.keys if kind == "keys" else seg.values
     rope = kind == "keys" and seg.key_rope is not None
-    cache = sparse.low.__dict__.setdefault(_CACHE, {})
-    key = (kind, bn, block.tokens, seg.start, rope)
-    if key in cache:
-        return cache[key]
+    return sparse.derived(("triton", kind, bn, block.tokens, seg.start, rope), lambda: _lists(seg, sparse, block, rope, rows, bn, cos, sin, width))
+
+
+def _lists(seg, sparse, block, rope: bool, rows: int, bn: int, cos, sin, width: int):
     r, t, c = sparse.coordinates()
     delta = sparse.decoded_values(torch.float32)
     order = torch.sort(r, stable=True).indices  # stored token-major; stable by row gives (row, token)
@@ -303,9 +296,7 @@ def _outlier_lists(seg: KVSegment, kind: str, rows: int, bn: int, cos: torch.Ten
         partner = torch.where(c < h, c + h, torch.where(inside, c - h, c)).clamp(max=width - 1)
         a = torch.where(inside, delta * cos[pos, c.clamp(max=width - 1)], delta)
         b = torch.where(inside, torch.where(c < h, delta, -delta) * sin[pos, partner], torch.zeros_like(delta))
-    out = (ptr, (t % bn).to(torch.int16), c.to(torch.int16), a.float().contiguous(), b.float().contiguous())
-    cache[key] = out
-    return out
+    return ptr, (t % bn).to(torch.int16), c.to(torch.int16), a.float().contiguous(), b.float().contiguous()
 
 
 def triton_next_pow2(n: int) -> int:

@@ -15,11 +15,10 @@ from math import sqrt
 import numpy as np
 from numba import njit, prange
 
-from ..packing import codes_per_word
-from .cpu import TILE
+from ..storage.packing import codes_per_word
+from .cpu_layout import TILE
 from .cpu_merge import merge_chunks
 from .cpu_tiles import tile_loader
-
 
 # -- the attention kernel -------------------------------------------------------------------------------------
 _compiled: dict = {}

@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from ..packing import codes_per_word
-from .cpu import TILE
+from ..storage.packing import codes_per_word
+from .cpu_layout import TILE
 
 
 def tile_loader(BITS, LUT, CHANNEL, TOKEN_MAJOR):

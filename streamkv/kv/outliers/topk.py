@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import check, one_of
-from ..sparse import OUTLIER_BITS
+from ..storage.sparse import OUTLIER_BITS
 
 
 @dataclass

@@ -3,8 +3,9 @@
 from dataclasses import dataclass
 
 from ..errors import check, one_of
+from ..storage.packing import RAW_BITS, WIDTHS
 
-SINK_BITS = (2, 3, 4, 8, 16)
+SINK_BITS = (*(b for b in WIDTHS if b >= 2), RAW_BITS)  # packed per token, or fp16
 
 
 @dataclass

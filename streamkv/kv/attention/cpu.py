@@ -1,0 +1,259 @@
+"""CPU decode kernel, host side: attention read straight from the packed codes, one pass over the history.
+
+The compiled loop lives in :mod:`streamkv.kv.kernels.cpu_attend` (tiles: ``cpu_tiles``, reductions:
+``cpu_merge``, layout constants: ``cpu_layout``); this module decides what it covers and lays out
+its inputs. :func:`decode` runs a
+whole decoding step of a layer: each packed segment read in one pass over its bytes (scores, an
+online softmax and the value sum together, so no score matrix and no dense copy of the history is
+ever written), then the full-precision residual and the forward's own tokens, the merge of every
+part and the values' un-rotation in one compiled call. :func:`attend` reads one segment as a
+:class:`~streamkv.kv.attention.online_softmax.Partial` for the fused backend's mixed path (a
+segment the kernel does not cover beside ones it does). The history is split over (row, chunk) jobs
+across the cores (flash-decoding's split-K); each job walks its tokens in tiles of ``TILE`` tokens
+held channel-major, so every step of a tile is a contiguous vector operation over its tokens:
+
+* keys: unpack the tile's codes (a whole tile's bytes transposed as 32-bit words first), scale and
+  shift them; keys stored before RoPE are un-rotated with an in-place fast Walsh-Hadamard transform
+  (d log d adds, shared by every query of the KV head), take their sparse outlier corrections, then
+  RoPE at their positions by angle addition (a small per-tile table, not one row per position);
+  keys stored after RoPE under a Hadamard rotation are scored against the rotated query instead
+  (``(q H)·(k H) = q·k``);
+* scores of each query, the online-softmax update, ``exp`` as a short polynomial with its power of
+  two built in the exponent bits (vectorisable);
+* values: loaded token-major and accumulated in their stored (possibly rotated) domain; the merged
+  output is un-rotated once.
+
+Codes are unpacked in *word layout* (position ``k * words + i`` holds channel ``i * PER + k``, PER
+codes per packing word), which makes unpacking branch-free. The query, the RoPE tables and the
+outlier channels are permuted into it instead of the codes; for the Hadamard transform the
+permutation is free: it only permutes index bits, which leaves a Sylvester-Hadamard matrix unchanged.
+
+Without numba, or for a layout these kernels do not cover, the backend uses its tensor path: the
+same numbers, slower; :func:`available` says so once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+from ..kernels.cpu_layout import TILE, word_order
+from ..storage.packed import Quantized
+from ..transforms.hadamard import hadamard
+from .online_softmax import Partial
+
+log = logging.getLogger(__name__)
+
+try:  # numba is optional: a missing compiler means the eager path, never an error
+    import numba
+except Exception as e:  # noqa: BLE001
+    numba, _why = None, f"{type(e).__name__}: {e}"
+else:
+    _why = ""
+
+_warned = False
+CHUNKS = 8  # token chunks per row, so that rows x chunks spread over the cores
+WIDTHS = (2, 3, 4, 8)  # the packed widths the kernel reads
+
+
+def available() -> bool:
+    """Whether the compiled kernel can run here (warns once, in one line, when it cannot)."""
+    global _warned
+    if numba is None and not _warned:
+        log.warning("streamkv: numba unavailable (%s); the fused CPU backend uses its slower tensor path", _why)
+        _warned = True
+    return numba is not None and os.environ.get("STREAMKV_NO_KERNELS") != "1"
+
+
+def covers(seg) -> bool:
+    """Whether :func:`attend` reads ``seg``: packed blocks (:class:`Quantized`, with or without a
+    codebook) of widths 2/3/4/8 whose tokens start on packing words (head dim a multiple of 8),
+    a power-of-two head dim where the kernel un-rotates keys."""
+    def ok(block) -> bool:
+        return isinstance(block, Quantized) and block.bits in WIDTHS and block.dim % 8 == 0
+
+    if not (ok(seg.keys) and ok(seg.values)) or seg.keys.dim != seg.values.dim:
+        return False
+    d = seg.keys.dim
+    return not (seg.key_rope is not None and seg.key_hadamard and d & (d - 1))
+
+
+# -- layouts (host side) ---------------------------------------------------------------------------------
+def _rope_layout(table, start: int, end: int, dim: int, bits: int):
+    """RoPE of ``table`` as the kernel reads it, in the key word layout, for tiles of ``TILE`` tokens
+    from position ``start`` up to ``end``. By angle addition, ``cos θ(p0 + t)`` and ``sin θ(p0 + t)``
+    come from the tile's base angle ``θ p0`` and the offset ``θ t``: the kernel reads a (dim, TILE)
+    offset table and four coefficients per tile and channel instead of a (dim, positions) table per
+    row, which at a few thousand tokens is larger than the compressed history itself.
+
+    Returns ``cos θt``, ``sin θt`` (dim, TILE), per tile ``k`` and channel ``m`` the coefficients
+    ``(A1, B1, A2, B2)`` (tiles, 4, dim) of ``out = cos θt (A1 x + B1 y) + sin θt (A2 x + B2 y)``
+    with ``y = x[partner]``, and the partner of each position."""
+    cos, sin = table.upto(end + TILE)
+    held = table.derived  # the table's own: its layouts die with it
+    key = ("cpu", bits, start)
+    if key in held and held[key][0] is cos:
+        return held[key][1]
+    n, r = cos.shape
+    h = r // 2
+    order = torch.from_numpy(word_order(bits, dim))
+    tiles = (n - start) // TILE
+    a = cos[0]  # cos(0) = the table's attention scaling (yarn / longrope), kept by the base only
+    co, so = torch.ones(TILE, dim), torch.zeros(TILE, dim)
+    co[:, :r], so[:, :r] = cos[:TILE] / a, sin[:TILE] / a
+    cb, sb = torch.ones(tiles, dim), torch.zeros(tiles, dim)
+    cb[:, :r], sb[:, :r] = cos[start : start + tiles * TILE : TILE], sin[start : start + tiles * TILE : TILE]
+    sign = torch.zeros(dim)
+    sign[:h], sign[h:r] = -1.0, 1.0  # rotate_half: out_i = x_i cos - x_{i+h} sin, out_{i+h} = x_{i+h} cos + x_i sin
+    coef = torch.stack([cb, sign * sb, -sb, sign * cb], 1)  # (tiles, 4, dim)
+    partner = torch.arange(dim)
+    partner[:h], partner[h:r] = torch.arange(h, r), torch.arange(h)
+    pos = torch.empty(dim, dtype=torch.long)
+    pos[order] = torch.arange(dim)  # channel -> word position
+    layout = (
+        co[:, order].T.contiguous().numpy(),
+        so[:, order].T.contiguous().numpy(),
+        coef[:, :, order].contiguous().numpy(),
+        pos[partner[order]].numpy().astype(np.int64),
+    )
+    if len(held) >= 8:  # a sliding window moves its segments' start: keep the recent layouts only
+        held.clear()
+    held[key] = (cos, layout)
+    return layout
+
+
+def _block_arrays(block: Quantized):
+    """``block``'s codes, scales and zeros (float32) and codebook as numpy arrays, made once per block
+    and held by it (a stored block never changes; decoding reads it every step)."""
+    held = block.derived.get("cpu")
+    if held is None:
+        shape = (block.codes.shape[0], block.codes.shape[1], -1)
+        scale = block.scale_values(torch.float32).reshape(shape).numpy()
+        zero = block.zero.reshape(shape).float().numpy() if block.has_zero else np.zeros_like(scale)
+        lut = np.zeros(1, np.float32) if block.lut is None else block.lut.float().numpy()
+        held = block.derived["cpu"] = (block.codes.numpy(), scale, zero, lut, block.unit_tokens, block.group_size)
+    return held
+
+
+_NO_OUTLIERS = (np.zeros(1, np.int64), np.zeros(1, np.int64), np.zeros(1, np.float32))
+
+
+def _outlier_arrays(sparse, rows: int):
+    if sparse is None or not sparse.count:
+        return (np.zeros(rows + 1, np.int64), *_NO_OUTLIERS)
+    ptr, tok, ch, val = sparse.by_row()
+    return ptr.numpy(), tok.numpy(), ch.numpy(), val.numpy()
+
+
+_NO_ROPE = (np.zeros((1, 1), np.float32), np.zeros((1, 1), np.float32), np.zeros((1, 4, 1), np.float32), np.zeros(1, np.int64))
+_NO_MASK = np.zeros((1, 1, 1), np.bool_)
+
+
+def _columns(view, mask: torch.Tensor | None, position: int, n: int) -> tuple[np.ndarray, bool]:
+    """The mask's columns of the ``n`` keys from ``position`` as the kernels read them, and whether any
+    is masked: a full mask (plain decoding) needs no per-token test."""
+    if mask is None:
+        return _NO_MASK, False
+    m = view.columns(mask, position, n)[:, 0]
+    if bool(m.all()):
+        return _NO_MASK, False
+    return m.contiguous().numpy(), True
+
+
+def _read(seg, t0: int, t1: int, q, q_rot, mask, view, ql: int, top, l, stored, plain) -> None:
+    """Run the kernel on ``seg``'s tokens ``[t0, t1)``: its softmax statistics into ``top``, ``l``
+    (rows, nq, 1) and its value sums into ``stored`` (the stored domain) and ``plain`` (outliers)."""
+    keys, values = seg.keys, seg.values
+    rows, nq, d = q.shape
+    rope = seg.key_rope is not None
+    kbits, vbits = keys.bits, values.bits
+    qk = q_rot if (seg.key_hadamard and not rope) else q
+    if rope:  # the base of every tile up to the segment's last (the table reaches a tile past it)
+        rope_args = _rope_layout(seg.key_rope, seg.start, seg.start + seg.tokens, d, kbits)
+    else:
+        rope_args = _NO_ROPE
+    cols, has_mask = _columns(view, mask, seg.start, t1)
+    from ..kernels.cpu_attend import kernel_for  # numba: imported where the kernel runs
+
+    kernel = kernel_for(kbits, keys.lut is not None, keys.axis == "channel", vbits, values.lut is not None,
+                        values.axis == "channel", seg.key_hadamard, rope)
+    chunks = max(1, min(CHUNKS, (t1 - t0) // (2 * TILE)))  # a short segment (sinks) is one job per row
+    kernel(
+        qk, word_order(kbits, d), q, word_order(vbits, d), *_block_arrays(keys), *_block_arrays(values),
+        *rope_args, *_outlier_arrays(seg.key_outliers, rows), *_outlier_arrays(seg.value_outliers, rows),
+        cols, has_mask, view.heads, ql, seg.skip, t0, t1, chunks, top, l, stored, plain,
+    )
+
+
+def _numpy(x: torch.Tensor) -> np.ndarray:
+    return x.float().contiguous().numpy()
+
+
+def attend(seg, t0: int, t1: int, qs):
+    """The :class:`Partial` of ``seg``'s tokens ``[t0, t1)`` for the queries ``qs`` (see module docstring)."""
+    rows, nq, d = qs.q.shape
+    top, l = np.empty((rows, nq, 1), np.float32), np.empty((rows, nq, 1), np.float32)
+    stored, plain = np.empty((rows, nq, d), np.float32), np.empty((rows, nq, d), np.float32)
+    q_rot = None if qs.q_rot is None else _numpy(qs.q_rot)
+    _read(seg, t0, t1, _numpy(qs.q), q_rot, qs.mask, qs.view, qs.ql, top, l, stored, plain)
+    top, l, stored, plain = (torch.from_numpy(x) for x in (top, l, stored, plain))
+    if seg.value_outliers is None or not seg.value_outliers.count:
+        plain = None
+    if not seg.value_hadamard:
+        return Partial(top, l, [stored if plain is None else stored + plain, None])
+    return Partial(top, l, [plain, stored])
+
+
+@lru_cache(maxsize=None)
+def _hadamard(d: int) -> tuple[np.ndarray, np.ndarray]:
+    h = hadamard(d).float()
+    return h.numpy().copy(), h.T.contiguous().numpy()
+
+
+def _residual(view) -> bool:
+    """Whether the view's last segment is the full-precision residual, ending where the own tokens
+    begin: :func:`decode` reads it with them."""
+    return bool(view.segments) and view.segments[-1].plain and view.segments[-1].start + view.segments[-1].tokens == view.history
+
+
+def decodes(view) -> bool:
+    """Whether :func:`decode` serves ``view``: every segment covered, but for a trailing residual."""
+    segs = view.segments[:-1] if _residual(view) else view.segments
+    return available() and all(covers(seg) for seg in segs)
+
+
+def decode(view, query: torch.Tensor, mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
+    """A whole decoding step of one layer (see :func:`decodes`): each packed segment read by the
+    kernel into its slot, then the full-precision residual and the forward's own tokens, the merge of
+    every part and the values' un-rotation in one compiled pass that writes the output in the model's
+    layout, so a step costs a handful of calls instead of a hundred small tensor operations.
+    ``query`` (batch, q_heads, q_len, dim) → (batch, q_len, q_heads, dim): the numbers of the fused
+    backend's segment-wise path."""
+    from ..kernels.cpu_merge import finish
+
+    gq = view.grouping(query)
+    rows, nq, d, ql = gq.rows, gq.nq, gq.dim, gq.q_len
+    q = _numpy(gq.rows_of(query.float() * scaling))
+    segs = view.segments
+    res_k = res_v = view.keys[:, :0]
+    if _residual(view):
+        res_k, res_v = segs[-1].keys.data, segs[-1].values.data
+        segs = segs[:-1]
+    rotated = np.array([s.value_hadamard for s in segs], np.bool_)
+    rot, unrot = _hadamard(d)
+    q_rot = q @ rot if any(s.key_hadamard for s in segs) else q
+    n = len(segs)
+    top, l = np.empty((n, rows, nq, 1), np.float32), np.empty((n, rows, nq, 1), np.float32)
+    stored, plain = np.empty((n, rows, nq, d), np.float32), np.empty((n, rows, nq, d), np.float32)
+    for i, seg in enumerate(segs):
+        _read(seg, seg.read_from, seg.tokens, q, q_rot, mask, view, ql, top[i], l[i], stored[i], plain[i])
+    tail = res_k.shape[1] + view.keys.shape[1]  # the residual and the own tokens
+    cols, has_mask = _columns(view, mask, view.history - res_k.shape[1], tail)
+    out = np.empty((gq.batch, ql, gq.q_heads, d), np.float32)
+    finish(q, _numpy(res_k), _numpy(res_v), _numpy(view.keys), _numpy(view.values), cols, has_mask, ql, view.heads,
+           top, l, stored, plain, rotated, unrot, out)
+    return torch.from_numpy(out).to(query.dtype)

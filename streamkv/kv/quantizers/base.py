@@ -1,0 +1,82 @@
+"""What every group quantizer shares: the geometry of its groups, its checks, and the encode entry points.
+
+A quantizer is policy only: it decides widths, axes and group sizes and calls a codec of
+:mod:`streamkv.kv.storage` to hold the result. Subclasses add their own fields and implement
+:meth:`GroupedQuantizer.encode`; they redeclare a geometry field only to change its default.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from ..errors import check, one_of
+from ..storage.packed import AXES
+from ..storage.packing import WIDTHS
+
+KINDS = ("key", "value")
+
+
+@dataclass
+class GroupedQuantizer:
+    """b-bit groups of keys and values: per channel along tokens (``axis="channel"``, ``group_size``
+    tokens) or per token along the head dimension (``axis="token"``, ``group_size`` channels; 0 = the
+    whole head). ``pre_rope`` stores keys before the rotary embedding; ``residual_length`` keeps that
+    many of the most recent tokens at full precision (KIVI's window). ``WIDTHS``: the packable widths
+    this quantizer serves."""
+
+    key_bits: int = 4
+    value_bits: int = 4
+    key_axis: str = "channel"
+    value_axis: str = "token"
+    key_group_size: int = 128
+    value_group_size: int = 64
+    pre_rope: bool = True
+    residual_length: int = 0
+
+    WIDTHS: ClassVar[tuple[int, ...]] = tuple(b for b in WIDTHS if b >= 2)
+    enabled: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        for kind in KINDS:
+            one_of(f"quantizer.{kind}_bits", getattr(self, f"{kind}_bits"), self.WIDTHS)
+            axis, g = getattr(self, f"{kind}_axis"), getattr(self, f"{kind}_group_size")
+            one_of(f"quantizer.{kind}_axis", axis, AXES)
+            check(g >= 1 or (g == 0 and axis == "token"), f"quantizer.{kind}_group_size={g} must be >= 1 (0 = head_dim, per-token groups only)")
+        check(self.residual_length >= 0, f"quantizer.residual_length={self.residual_length} must be >= 0")
+
+    @property
+    def token_block(self) -> int:
+        """Tokens that must gather before keys and values can be compressed together."""
+        unit = lambda axis, g: g if axis == "channel" else 1  # noqa: E731
+        return math.lcm(unit(self.key_axis, self.key_group_size), unit(self.value_axis, self.value_group_size))
+
+    def group_size(self, kind: str, head_dim: int) -> int:
+        """``kind``'s group size, where 0 along the head dimension means the whole head."""
+        axis, g = getattr(self, f"{kind}_axis"), getattr(self, f"{kind}_group_size")
+        return head_dim if g == 0 and axis == "token" else g
+
+    def check_shapes(self, head_dim: int, chunk_size: int | None) -> None:
+        for kind in KINDS:
+            axis, g = getattr(self, f"{kind}_axis"), getattr(self, f"{kind}_group_size")
+            if axis == "token" and g:
+                check(head_dim % g == 0, f"quantizer.{kind}_group_size={g} does not divide head_dim={head_dim}")
+        if chunk_size is not None:
+            check(
+                chunk_size >= self.token_block,
+                f"chunk_size={chunk_size} is smaller than a key group ({self.token_block} tokens); "
+                f"use chunk_size >= {self.token_block} or a smaller quantizer.key_group_size",
+            )
+
+    def encode_keys(self, x: torch.Tensor, exclude: torch.Tensor | None = None, *, layer: int = 0) -> Any:
+        return self.encode("key", x, exclude, self.key_bits)
+
+    def encode_values(self, x: torch.Tensor, exclude: torch.Tensor | None = None, *, layer: int = 0) -> Any:
+        return self.encode("value", x, exclude, self.value_bits)
+
+    def encode(self, kind: str, x: torch.Tensor, exclude: torch.Tensor | None, bits: int) -> Any:
+        """``x`` (rows, tokens, dim) of ``kind`` ("key"/"value") at ``bits``, ``exclude``d values left out."""
+        raise NotImplementedError

@@ -1,0 +1,1 @@
+"""Transforms a stored block may carry and a reader undoes: the Hadamard rotation and RoPE."""
