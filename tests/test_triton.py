@@ -42,6 +42,7 @@ except ImportError:  # the GPU image may lack Hydra: the same engine components,
         from streamkv.kv.outliers.ema_relative import EmaRelativeOutliers
         from streamkv.kv.outliers.none import NoOutliers
         from streamkv.kv.outliers.topk import TopKOutliers
+        from streamkv.kv.quantizers.lloyd_max import LloydMaxQuantizer
         from streamkv.kv.quantizers.none import NoQuantizer
         from streamkv.kv.quantizers.nonuniform import NonUniformQuantizer
         from streamkv.kv.quantizers.per_token import IntPerTokenQuantizer
@@ -49,7 +50,7 @@ except ImportError:  # the GPU image may lack Hydra: the same engine components,
         from streamkv.kv.sinks.fixed import FixedSinks
         from streamkv.kv.sinks.none import NoSinks
 
-        kinds = {"none": NoQuantizer, "uniform": UniformQuantizer, "nonuniform": NonUniformQuantizer,
+        kinds = {"none": NoQuantizer, "uniform": UniformQuantizer, "nonuniform": NonUniformQuantizer, "lloyd_max": LloydMaxQuantizer,
                  "int_per_token": IntPerTokenQuantizer, "fixed": FixedSinks, "ema_relative": EmaRelativeOutliers,
                  "topk": TopKOutliers, "dense": DenseBackend, "fused": FusedBackend, "triton": TritonBackend, "auto": AutoBackend}
         none = {"sink": NoSinks, "outlier": NoOutliers}
@@ -172,6 +173,25 @@ def test_byte_per_code_reads_match_dense(model, name, monkeypatch):
     monkeypatch.setattr(backend, "ROW_LOADS", False)
     ids = torch.randint(0, 128, (1, 40), generator=torch.Generator().manual_seed(7)).to(DEVICE)
     compare(model, CASES[name], ids, steps=2)
+
+
+def test_nothing_of_a_dropped_cache_survives_the_triton_reader(model):
+    """What the Triton host derives (dense sinks, per-tile outlier lists) is held by the stored blocks
+    and outlier stores it derives from, and goes with the cache."""
+    import gc
+    import weakref
+
+    ids = torch.randint(0, 128, (1, 40), generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    cache = compare(model, CASES["int8-prerope-plain-ktoken"], ids, steps=2)
+    refs = [weakref.ref(t) for t in cache.tensors()]
+    derived = [v for layer in cache.layers for s in (layer.k, layer.v) for b in (s.body, s.sinks) if b is not None
+               for v in getattr(getattr(b, "inner", b), "derived", {}).values()]
+    derived += [v[1] for layer in cache.layers for s in (layer.k,) if s.outliers is not None for v in s.outliers._memo.values()]
+    refs += [weakref.ref(t) for v in derived for t in (v if isinstance(v, tuple) else (v,)) if isinstance(t, torch.Tensor)]
+    assert derived and len(refs) > 20
+    del cache, derived
+    gc.collect()
+    assert not [r for r in refs if r() is not None]
 
 
 def test_storage_without_a_kernel_is_read_by_fused(model, monkeypatch):

@@ -80,7 +80,7 @@ def quantize_codebook(
     g, lo, hi = group_range(x, axis, group_size, exclude)
     scale = ((hi - lo) / 2).clamp_min(MIN_SCALE).half()
     zero = ((hi + lo) / 2).half()
-    levels = normal_float(bits, kind).to(x.device)
+    levels = normal_float(bits, kind).to(x.device, copy=True)  # held (and counted) by the block itself
     u = (g - zero.float()) / scale.float()
     codes = torch.bucketize(u, (levels[1:] + levels[:-1]) / 2).to(torch.uint8)  # the nearest level
     return CodebookQuantized(pack(codes.flatten(2), bits), scale, zero, bits, axis, group_size, dim, levels)

@@ -1,6 +1,7 @@
 """How the benchmark times and weighs a cache: prefill and decode throughput paired run by run with
-transformers' ``DynamicCache`` (so load on a shared machine hits both sides of a ratio alike), and
-the process's peak memory during the long prefill."""
+transformers' ``DynamicCache`` (so load on a shared machine hits both sides of a ratio alike), the
+process's peak memory during the long prefill, and a soak: many sequences, each through a fresh
+cache that is then dropped, whose resident memory must not grow with their number."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..runs.memory import PeakMemory
+from ..runs.memory import PeakMemory, resident_mib
 from ..streaming import prefill
 from .plan import BenchConfig
 
@@ -131,3 +132,21 @@ def warm_up(model, ids: torch.Tensor, make_cache: Callable, chunk_size: int) -> 
     n = min(len(ids) - 1, 2 * chunk_size)
     prefill(model, ids[:n], cache, chunk_size)
     timed_decode(model, cache, int(ids[n]), 2)
+
+
+def measure_soak(model, ids: torch.Tensor, make_cache: Callable, cfg: BenchConfig) -> dict:
+    """``cfg.soak_sequences`` sequences of ``soak_tokens`` prompt tokens (chunked) and ``soak_decode``
+    decoded tokens, each through a fresh cache dropped afterwards; the resident memory after each
+    (MiB) and its growth from the third on (the first ones warm allocator pools and compiled code)."""
+    import gc
+
+    rss = []
+    for i in range(cfg.soak_sequences):
+        start = (i * cfg.soak_tokens) % max(1, len(ids) - cfg.soak_tokens - 1)
+        cache = make_cache()
+        prefill(model, ids[start : start + cfg.soak_tokens], cache, cfg.chunk_size)
+        timed_decode(model, cache, int(ids[start + cfg.soak_tokens]), cfg.soak_decode)
+        del cache
+        gc.collect()
+        rss.append(resident_mib())
+    return {"soak_rss_mib": rss, "soak_growth_mib": rss[-1] - rss[min(2, len(rss) - 1)]}

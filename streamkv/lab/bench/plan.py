@@ -46,13 +46,16 @@ class BenchConfig:
     methods: dict[str, MethodSpec] = field(default_factory=dict)
     threads: Optional[int] = None  # torch.set_num_threads; null = torch's default
     kl_cache_mb: int = 1024  # reference log-probs kept across methods (KL needs them; 2 windows of SmolLM2 fit)
+    soak_sequences: int = 12  # measure=[soak]: sequences through a fresh cache each, in one process ...
+    soak_tokens: int = 1024  # ... of this many prompt tokens (in chunk_size chunks) ...
+    soak_decode: int = 4  # ... and decoded tokens; resident memory after each, once the cache is dropped
     seed: int = 0
     progress: bool = True
 
 
 ConfigStore.instance().store(group="schema", name="bench", node=BenchConfig, provider="streamkv")
 
-MEASURES = ("ppl", "prefill", "decode")
+MEASURES = ("ppl", "prefill", "decode", "soak")
 
 
 def compose_eval(overrides: list[str], conf_dir: str | os.PathLike = CONF_DIR) -> DictConfig:

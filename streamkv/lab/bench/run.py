@@ -41,7 +41,7 @@ from ..context import RunContext, new_cache
 from ..paths import REPO
 from ..runs.results import git_revision, versions, write_json_atomic
 from ..tasks.perplexity import Perplexity
-from .measure import SpeedReference, measure_speed, warm_up
+from .measure import SpeedReference, measure_soak, measure_speed, warm_up
 from .plan import MEASURES, BenchConfig, compression_for, plan
 from .render import markdown, pareto_plot, write_csv
 
@@ -137,6 +137,8 @@ def run_bench(cfg: BenchConfig | DictConfig, run_dir: str | os.PathLike, command
             if job.speed and ref is not None:
                 warm_up(model, prompt, make_cache, cfg.chunk_size)
                 row.update(measure_speed(model, prompt, make_cache, cfg, ref))
+            if "soak" in cfg.measure:
+                row.update(measure_soak(model, ids, make_cache, cfg))
         except (ConfigError, Exception) as e:  # noqa: BLE001 - a peer that crashes is reported, not hidden
             row["status"], row["error"] = "crashed", _one_line(e)
             log.warning("%s bits=%s crashed: %s", job.method, job.bits, row["error"])

@@ -57,3 +57,13 @@ class PeakMemory:
             "peak_rss_delta_mib": mib(None if self.peak_rss is None else self.peak_rss - self.start_rss),
             "cuda_peak_mib": None if self.cuda_peak is None else self.cuda_peak / 2**20,
         }
+
+
+def resident_mib() -> float | None:
+    """This process's resident memory now (MiB), after returning freed heap to the OS."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    kb = _status_kb("VmRSS")
+    return None if kb is None else kb / 1024
