@@ -19,6 +19,7 @@ tokens, 4 sinks exact), averaged over layers: what a codebook does to the model,
 from __future__ import annotations
 
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -80,7 +81,7 @@ def attention_error(q, k, v, k_hat, v_hat, rope) -> float:
 
 
 def main() -> None:
-    path = Path(sys.argv[1] if len(sys.argv) > 1 else "../shared/data/wikitext-2-raw/test.txt")
+    path = Path(sys.argv[1] if len(sys.argv) > 1 else os.environ["STREAMKV_WIKITEXT"])
     torch.set_num_threads(1)
     q, k, v, model = capture(path)
     from streamkv.kv.model_facts import rotary_module

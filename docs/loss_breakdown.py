@@ -9,6 +9,7 @@ carried. Also prints the widths the allocator chose in the last round of the las
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
 
@@ -52,7 +53,7 @@ class Exempt(LloydMaxQuantizer):
 def main() -> None:
     preset = sys.argv[1] if len(sys.argv) > 1 else "kv2"
     n_windows = int(sys.argv[2]) if len(sys.argv) > 2 else 2
-    path = sys.argv[3] if len(sys.argv) > 3 else "../shared/data/wikitext-2-raw/test.txt"
+    path = sys.argv[3] if len(sys.argv) > 3 else os.environ["STREAMKV_WIKITEXT"]
     from streamkv.lab.bench.plan import compression_for
 
     base, resolved = compression_for([f"experiment={preset}"])

@@ -4,7 +4,7 @@ Examples::
 
     python -m runners.eval                                 # seed method, embedded model, pydoc text
     python -m runners.eval quantizer=none                  # the uncompressed baseline
-    python -m runners.eval data=wikitext2 data.path=../shared/data/wikitext-2-raw/test.txt
+    python -m runners.eval data=wikitext2                  # wikitext-2 (a local copy: STREAMKV_WIKITEXT=...)
     python -m runners.eval -m quantizer.key_bits=2,3,4     # a multirun sweep
     python -m runners.sweep ablation                       # a named sweep from sweeps/ (runs this app)
 """

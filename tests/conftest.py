@@ -16,7 +16,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parent.parent
-WIKITEXT = REPO.parent / "shared" / "data" / "wikitext-2-raw" / "test.txt"
 
 
 def _random_llama(**shape):
@@ -84,13 +83,6 @@ def embedded():
         return CausalLM().load()
     except ConfigError as e:
         pytest.skip(f"embedded model unavailable: {e}")
-
-
-@pytest.fixture
-def wikitext_path():
-    if not WIKITEXT.is_file():
-        pytest.skip(f"{WIKITEXT} is absent (CI lays ../shared beside the checkout)")
-    return WIKITEXT
 
 
 # -- tiny random models of every supported family (built offline from configs) ----------------------

@@ -89,6 +89,35 @@ def test_decoding_on_the_cpu_reads_the_default_storage_with_the_kernel(tiny64, m
     assert len(steps) >= 3 * 2 and any(v.segments[-1].key_rope is None for v in steps)  # with a residual too
 
 
+@pytest.mark.parametrize("preset", ["lloyd_max_budget", "lloyd_max_budget_per_layer", "lloyd_max_fixed"])
+def test_decoding_on_the_cpu_reads_the_presets_storage_with_the_kernel(tiny64, preset, monkeypatch, one_thread):
+    """The budgeted presets' storage (Lloyd-Max values, log-scale scales, widths that change between
+    chunks and differ per KV head: time Segments and RowSplits) is read by the compiled decoding step,
+    piece by piece, and equals the dense read; no segment falls back to the tensor path."""
+    from streamkv.kv.attention import cpu, fused
+    from streamkv.kv.storage.composite import RowSplit, Segments
+
+    if not cpu.available():
+        pytest.skip("numba is not installed")
+    steps, tensor_path = [], []
+    decode, scores = cpu.decode, fused._scores
+    monkeypatch.setattr(cpu, "decode", lambda view, *a: steps.append(view) or decode(view, *a))
+    monkeypatch.setattr(fused, "_scores", lambda seg, *a: tensor_path.append(seg) or scores(seg, *a))
+    q = {"name": "lloyd_max", "key_group_size": 64, "value_group_size": 32}
+    q.update({"lloyd_max_budget": {"budget_bits": 4.6, "widths": [2, 3, 4, 8]},
+              "lloyd_max_budget_per_layer": {"budget_bits": 3.6, "granularity": "layer"},
+              "lloyd_max_fixed": {"key_bits": 3, "value_bits": 2}}[preset])
+    torch.manual_seed(4)
+    ids = torch.randint(0, 96, (2, 330))
+    backends_agree(tiny64, q, "fixed", "ema_relative", ids, chunk=64, decode=4)
+    seen = {type(getattr(s.keys, "inner", s.keys)).__name__ for v in steps for s in v.segments} | {
+        type(getattr(s.values, "inner", s.values)).__name__ for v in steps for s in v.segments}
+    decoded = {id(x) for v in steps for x in v.segments}
+    assert steps and not [s for s in tensor_path if id(s) in decoded]
+    if preset != "lloyd_max_fixed":
+        assert seen & {Segments.__name__, RowSplit.__name__}, seen  # composites did reach the kernel
+
+
 @pytest.mark.parametrize("backend", [FusedBackend, SplitBackend])
 def test_kernel_decoding_with_left_padding_equals_dense(tiny64, backend, one_thread):
     """Batch 2 with one row left-padded: the mask reaches the compiled decoding step (segments, the

@@ -1,6 +1,6 @@
 """Streaming chunked prefill: feed tokens through a cache chunk by chunk and score them.
 
-This is the measurement protocol of the project (see ``shared/notes/anchors.md``): chunk *i* attends
+This is the measurement protocol of the project (see ``docs/results.md``): chunk *i* attends
 to the cache's (compressed) history of chunks < *i* and to its own keys/values; every token after the
 first is scored, the first token of chunk *i+1* from the last logit of chunk *i*.
 """

@@ -6,7 +6,8 @@ its inputs. :func:`decode` runs a
 whole decoding step of a layer: each packed segment read in one pass over its bytes (scores, an
 online softmax and the value sum together, so no score matrix and no dense copy of the history is
 ever written), then the full-precision residual and the forward's own tokens, the merge of every
-part and the values' un-rotation in one compiled call. :func:`attend` reads one segment as a
+part and the values' un-rotation in one compiled call (a segment whose storage is composite, as the
+budgeted presets' is, is read piece by piece: :mod:`.cpu_plan`). :func:`attend` reads one segment as a
 :class:`~streamkv.kv.attention.online_softmax.Partial` for the fused backend's mixed path (a
 segment the kernel does not cover beside ones it does). The history is split over (row, chunk) jobs
 across the cores (flash-decoding's split-K); each job walks its tokens in tiles of ``TILE`` tokens
@@ -34,6 +35,7 @@ same numbers, slower; :func:`available` says so once.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 from functools import lru_cache
@@ -44,39 +46,36 @@ import torch
 from ..kernels.cpu_layout import TILE, word_order
 from ..storage.packed import Quantized
 from ..transforms.hadamard import hadamard
-from .online_softmax import Partial
+from .cpu_plan import Piece, pieces
+from .online_softmax import Partial, merge_all
 
 log = logging.getLogger(__name__)
 
-try:  # numba is optional: a missing compiler means the eager path, never an error
-    import numba
-except Exception as e:  # noqa: BLE001
-    numba, _why = None, f"{type(e).__name__}: {e}"
-else:
-    _why = ""
-
-_warned = False
 CHUNKS = 8  # token chunks per row, so that rows x chunks spread over the cores
-WIDTHS = (2, 3, 4, 8)  # the packed widths the kernel reads
+_warned = False
+
+
+@lru_cache(maxsize=None)
+def _missing() -> str:
+    """Why the compiled kernel cannot run here ("" when it can); numba is imported only when it runs."""
+    return "" if importlib.util.find_spec("numba") is not None else "numba is not installed"
 
 
 def available() -> bool:
     """Whether the compiled kernel can run here (warns once, in one line, when it cannot)."""
     global _warned
-    if numba is None and not _warned:
-        log.warning("streamkv: numba unavailable (%s); the fused CPU backend uses its slower tensor path", _why)
+    why = _missing()
+    if why and not _warned:
+        log.warning("streamkv: %s; the fused CPU backend uses its slower tensor path", why)
         _warned = True
-    return numba is not None and os.environ.get("STREAMKV_NO_KERNELS") != "1"
+    return not why and os.environ.get("STREAMKV_NO_KERNELS") != "1"
 
 
-def covers(seg) -> bool:
-    """Whether :func:`attend` reads ``seg``: packed blocks (:class:`Quantized`, with or without a
-    codebook) of widths 2/3/4/8 whose tokens start on packing words (head dim a multiple of 8),
-    a power-of-two head dim where the kernel un-rotates keys."""
-    def ok(block) -> bool:
-        return isinstance(block, Quantized) and block.bits in WIDTHS and block.dim % 8 == 0
-
-    if not (ok(seg.keys) and ok(seg.values)) or seg.keys.dim != seg.values.dim:
+def covers(seg, rows: int) -> bool:
+    """Whether the kernel reads ``seg`` (of ``rows`` = batch x KV heads rows): packed blocks of widths
+    2/3/4/8 (codebooks too; composites of them) whose tokens start on packing words (head dim a
+    multiple of 8), a power-of-two head dim where the kernel un-rotates keys."""
+    if pieces(seg, rows) is None:
         return False
     d = seg.keys.dim
     return not (seg.key_rope is not None and seg.key_hadamard and d & (d - 1))
@@ -164,10 +163,11 @@ def _columns(view, mask: torch.Tensor | None, position: int, n: int) -> tuple[np
     return m.contiguous().numpy(), True
 
 
-def _read(seg, t0: int, t1: int, q, q_rot, mask, view, ql: int, top, l, stored, plain) -> None:
-    """Run the kernel on ``seg``'s tokens ``[t0, t1)``: its softmax statistics into ``top``, ``l``
-    (rows, nq, 1) and its value sums into ``stored`` (the stored domain) and ``plain`` (outliers)."""
-    keys, values = seg.keys, seg.values
+def _read(seg, piece: Piece, t0: int, t1: int, q, q_rot, mask, view, ql: int, top, l, stored, plain) -> None:
+    """Run the kernel on ``piece`` of ``seg`` for the segment's tokens ``[t0, t1)``: the softmax
+    statistics of its rows into ``top``, ``l`` (rows, nq, 1) and their value sums into ``stored`` (the
+    stored domain) and ``plain`` (outliers)."""
+    keys, values = piece.keys, piece.values
     rows, nq, d = q.shape
     rope = seg.key_rope is not None
     kbits, vbits = keys.bits, values.bits
@@ -176,17 +176,24 @@ def _read(seg, t0: int, t1: int, q, q_rot, mask, view, ql: int, top, l, stored, 
         rope_args = _rope_layout(seg.key_rope, seg.start, seg.start + seg.tokens, d, kbits)
     else:
         rope_args = _NO_ROPE
-    cols, has_mask = _columns(view, mask, seg.start, t1)
+    a, b = max(t0, piece.off) - piece.off, min(t1, piece.off + piece.tokens) - piece.off  # in the piece's tokens
+    cols, has_mask = _columns(view, mask, seg.start, piece.off + b)
     from ..kernels.cpu_attend import kernel_for  # numba: imported where the kernel runs
 
     kernel = kernel_for(kbits, keys.lut is not None, keys.axis == "channel", vbits, values.lut is not None,
                         values.axis == "channel", seg.key_hadamard, rope)
-    chunks = max(1, min(CHUNKS, (t1 - t0) // (2 * TILE)))  # a short segment (sinks) is one job per row
+    chunks = max(1, min(CHUNKS, (b - a) // (2 * TILE)))  # a short segment (sinks) is one job per row
     kernel(
         qk, word_order(kbits, d), q, word_order(vbits, d), *_block_arrays(keys), *_block_arrays(values),
         *rope_args, *_outlier_arrays(seg.key_outliers, rows), *_outlier_arrays(seg.value_outliers, rows),
-        cols, has_mask, view.heads, ql, seg.skip, t0, t1, chunks, top, l, stored, plain,
+        cols, has_mask, view.heads, ql, seg.skip, a, b, chunks, piece.rows, piece.krow, piece.vrow, piece.off,
+        piece.koff, piece.voff, top, l, stored, plain,
     )
+
+
+def _intervals(seg, rows: int, t0: int, t1: int) -> list[list[Piece]]:
+    """The intervals of ``seg``'s plan that hold tokens of ``[t0, t1)``."""
+    return [group for group in pieces(seg, rows) if group[0].off < t1 and group[0].off + group[0].tokens > t0]
 
 
 def _numpy(x: torch.Tensor) -> np.ndarray:
@@ -196,16 +203,21 @@ def _numpy(x: torch.Tensor) -> np.ndarray:
 def attend(seg, t0: int, t1: int, qs):
     """The :class:`Partial` of ``seg``'s tokens ``[t0, t1)`` for the queries ``qs`` (see module docstring)."""
     rows, nq, d = qs.q.shape
-    top, l = np.empty((rows, nq, 1), np.float32), np.empty((rows, nq, 1), np.float32)
-    stored, plain = np.empty((rows, nq, d), np.float32), np.empty((rows, nq, d), np.float32)
-    q_rot = None if qs.q_rot is None else _numpy(qs.q_rot)
-    _read(seg, t0, t1, _numpy(qs.q), q_rot, qs.mask, qs.view, qs.ql, top, l, stored, plain)
-    top, l, stored, plain = (torch.from_numpy(x) for x in (top, l, stored, plain))
-    if seg.value_outliers is None or not seg.value_outliers.count:
-        plain = None
-    if not seg.value_hadamard:
-        return Partial(top, l, [stored if plain is None else stored + plain, None])
-    return Partial(top, l, [plain, stored])
+    q, q_rot = _numpy(qs.q), None if qs.q_rot is None else _numpy(qs.q_rot)
+    parts = []
+    for group in _intervals(seg, rows, t0, t1):
+        top, l = np.empty((rows, nq, 1), np.float32), np.empty((rows, nq, 1), np.float32)
+        stored, plain = np.empty((rows, nq, d), np.float32), np.empty((rows, nq, d), np.float32)
+        for piece in group:
+            _read(seg, piece, t0, t1, q, q_rot, qs.mask, qs.view, qs.ql, top, l, stored, plain)
+        top, l, stored, plain = (torch.from_numpy(x) for x in (top, l, stored, plain))
+        if seg.value_outliers is None or not seg.value_outliers.count:
+            plain = None
+        if not seg.value_hadamard:
+            parts.append(Partial(top, l, [stored if plain is None else stored + plain, None]))
+        else:
+            parts.append(Partial(top, l, [plain, stored]))
+    return merge_all(parts)
 
 
 @lru_cache(maxsize=None)
@@ -223,7 +235,8 @@ def _residual(view) -> bool:
 def decodes(view) -> bool:
     """Whether :func:`decode` serves ``view``: every segment covered, but for a trailing residual."""
     segs = view.segments[:-1] if _residual(view) else view.segments
-    return available() and all(covers(seg) for seg in segs)
+    rows = view.batch * view.heads
+    return available() and all(covers(seg, rows) for seg in segs)
 
 
 def decode(view, query: torch.Tensor, mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
@@ -243,14 +256,16 @@ def decode(view, query: torch.Tensor, mask: torch.Tensor | None, scaling: float)
     if _residual(view):
         res_k, res_v = segs[-1].keys.data, segs[-1].values.data
         segs = segs[:-1]
-    rotated = np.array([s.value_hadamard for s in segs], np.bool_)
+    reads = [(seg, group) for seg in segs for group in _intervals(seg, rows, seg.read_from, seg.tokens)]
+    rotated = np.array([seg.value_hadamard for seg, _ in reads], np.bool_)
     rot, unrot = _hadamard(d)
     q_rot = q @ rot if any(s.key_hadamard for s in segs) else q
-    n = len(segs)
+    n = len(reads)
     top, l = np.empty((n, rows, nq, 1), np.float32), np.empty((n, rows, nq, 1), np.float32)
     stored, plain = np.empty((n, rows, nq, d), np.float32), np.empty((n, rows, nq, d), np.float32)
-    for i, seg in enumerate(segs):
-        _read(seg, seg.read_from, seg.tokens, q, q_rot, mask, view, ql, top[i], l[i], stored[i], plain[i])
+    for i, (seg, group) in enumerate(reads):
+        for piece in group:
+            _read(seg, piece, seg.read_from, seg.tokens, q, q_rot, mask, view, ql, top[i], l[i], stored[i], plain[i])
     tail = res_k.shape[1] + view.keys.shape[1]  # the residual and the own tokens
     cols, has_mask = _columns(view, mask, view.history - res_k.shape[1], tail)
     out = np.empty((gq.batch, ql, gq.q_heads, d), np.float32)

@@ -72,7 +72,7 @@ class FusedBackend:
         return merge_all([self._block(seg, t0, min(seg.tokens, t0 + step), qs) for t0 in range(seg.read_from, seg.tokens, step)])
 
     def _block(self, seg: KVSegment, t0: int, t1: int, qs: "_Queries") -> Partial:
-        if qs.kernel and cpu.covers(seg):
+        if qs.kernel and cpu.covers(seg, qs.q.shape[0]):
             return cpu.attend(seg, t0, t1, qs)
         scores = _scores(seg, t0, t1, qs)
         if seg.skip > t0:

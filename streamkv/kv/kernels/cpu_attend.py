@@ -104,19 +104,26 @@ def _build(KBITS, KLUT, KCH, VBITS, VLUT, VCH, KHAD, ROPE):
     @njit(parallel=True, fastmath=True)
     def kernel(qk, korder, qp, vorder, kc, ks, kz, klut, kunit, kgroup, vc, vs, vz, vlut, vunit, vgroup,
                rco, rso, rbase, partner, kptr, ktok, kch, kval, vptr, vtok, vch, vval, mask, has_mask,
-               heads, ql, skip, t0, t1, chunks, top, l, stored, plain):
-        rows, nq, d = qk.shape
+               heads, ql, skip, t0, t1, chunks, rowlist, krow, vrow, off, koff, voff, top, l, stored, plain):
+        """Tokens ``t0 .. t1`` of a piece that starts ``off`` tokens into its segment and ``koff`` /
+        ``voff`` tokens into the key / value block (all multiples of TILE), for the segment rows
+        ``rowlist``; row ``g`` of the segment is row ``krow[g]`` / ``vrow[g]`` of the key / value
+        block (a block may hold only the rows of one width)."""
+        rows = rowlist.shape[0]
+        nq, d = qk.shape[1], qk.shape[2]
         kwords = d // KPER
         scale_h = f32(1.0 / sqrt(d)) if FWHT else ONE  # the Hadamard's normalisation, folded into the scale
         base = t0 // TILE * TILE
         size = ((t1 - base + chunks - 1) // chunks + TILE - 1) // TILE * TILE
-        first = max(skip, t0)
+        first = max(skip - off, t0)
         m_out = np.empty((rows, chunks, nq), np.float32)
         l_out = np.empty((rows, chunks, nq), np.float32)
         acc_out = np.empty((rows, chunks, nq, d), np.float32)
         accp_out = np.empty((rows, chunks, nq, d), np.float32)
         for job in prange(rows * chunks):
-            r, ch = job // chunks, job % chunks
+            ri, ch = job // chunks, job % chunks
+            r = rowlist[ri]  # the segment's row: queries, outliers, mask, outputs
+            kr, vr = krow[r], vrow[r]  # its row in the key and value blocks
             a, b = base + ch * size, min(t1, base + (ch + 1) * size)
             bt = r // heads
             K = np.zeros((d, TILE), np.float32)
@@ -131,20 +138,20 @@ def _build(KBITS, KLUT, KCH, VBITS, VLUT, VCH, KHAD, ROPE):
             l_run = np.zeros(nq, np.float32)
             acc = np.zeros((nq, d), np.float32)
             accp = np.zeros((nq, d), np.float32)
-            ko, vo = first_at(kptr, ktok, r, a), first_at(vptr, vtok, r, a)
+            ko, vo = first_at(kptr, ktok, r, a + off), first_at(vptr, vtok, r, a + off)
             kend, vend = kptr[r + 1], vptr[r + 1]
             for a0 in range(a, b, TILE):
                 n = min(TILE, b - a0)
-                load_k(kc, ks, kz, klut, kunit, kgroup, r, a0, n, scale_h, K, TW)
+                load_k(kc, ks, kz, klut, kunit, kgroup, kr, a0 + koff, n, scale_h, K, TW)
                 if FWHT:  # un-rotate: x = x̃ H (H symmetric and orthonormal; its scale folded above)
                     fwht(K)
                 if TILE_ADD:
-                    while ko < kend and ktok[ko] < a0 + n:
+                    while ko < kend and ktok[ko] < a0 + off + n:
                         c = kch[ko]
-                        K[(c % KPER) * kwords + c // KPER, ktok[ko] - a0] += kval[ko]
+                        K[(c % KPER) * kwords + c // KPER, ktok[ko] - off - a0] += kval[ko]
                         ko += 1
                 if ROPE:
-                    kt = a0 // TILE  # RoPE at p0 + tt by angle addition: the tile's base angle, the offset's
+                    kt = (a0 + off) // TILE  # RoPE at p0 + tt by angle addition: the tile's base angle, the offset's
                     for m in range(d):
                         # row views, indexed by the loop counter alone: no negative-index checks,
                         # so the loop vectorises
@@ -166,8 +173,8 @@ def _build(KBITS, KLUT, KCH, VBITS, VLUT, VCH, KHAD, ROPE):
                         for tt in range(TILE):
                             sj[tt] += q0 * k0[tt] + q1 * k1[tt] + q2 * k2[tt] + q3 * k3[tt]
                 if not TILE_ADD:  # rotated keys: outliers (plain domain) meet the plain query
-                    while ko < kend and ktok[ko] < a0 + n:
-                        tt, c, x = ktok[ko] - a0, kch[ko], kval[ko]
+                    while ko < kend and ktok[ko] < a0 + off + n:
+                        tt, c, x = ktok[ko] - off - a0, kch[ko], kval[ko]
                         for j in range(nq):
                             S[j, tt] += qp[r, j, c] * x
                         ko += 1
@@ -176,7 +183,7 @@ def _build(KBITS, KLUT, KCH, VBITS, VLUT, VCH, KHAD, ROPE):
                         qi = j % ql
                         for tt in range(TILE):
                             t = a0 + tt
-                            if tt >= n or t < first or (has_mask and not mask[bt, qi, t]):
+                            if tt >= n or t < first or (has_mask and not mask[bt, qi, t + off]):
                                 S[j, tt] = NEG
                 # online softmax: rescale what this job holds to the new maximum, then add the tile
                 for j in range(nq):
@@ -192,7 +199,7 @@ def _build(KBITS, KLUT, KCH, VBITS, VLUT, VCH, KHAD, ROPE):
                         m_run[j] = mx
                     l_run[j] += exp_tile(S[j], m_run[j], P, E, F)
                 # values of the tile (token-major) in their stored domain, weighted by the probabilities
-                load_v(vc, vs, vz, vlut, vunit, vgroup, r, a0, n, ONE, V, TW)
+                load_v(vc, vs, vz, vlut, vunit, vgroup, vr, a0 + voff, n, ONE, V, TW)
                 for j in range(nq):
                     aj = acc[j]
                     for tt in range(0, TILE, 4):  # four tokens per pass (past n: probability 0, V finite)
@@ -200,17 +207,17 @@ def _build(KBITS, KLUT, KCH, VBITS, VLUT, VCH, KHAD, ROPE):
                         v0, v1, v2, v3 = V[tt], V[tt + 1], V[tt + 2], V[tt + 3]
                         for m in range(d):
                             aj[m] += p0 * v0[m] + p1 * v1[m] + p2 * v2[m] + p3 * v3[m]
-                while vo < vend and vtok[vo] < a0 + n:
-                    tt, c, x = vtok[vo] - a0, vch[vo], vval[vo]
+                while vo < vend and vtok[vo] < a0 + off + n:
+                    tt, c, x = vtok[vo] - off - a0, vch[vo], vval[vo]
                     for j in range(nq):
                         accp[j, c] += S[j, tt] * x
                     vo += 1
             for j in range(nq):
-                m_out[r, ch, j] = m_run[j]
-                l_out[r, ch, j] = l_run[j]
+                m_out[ri, ch, j] = m_run[j]
+                l_out[ri, ch, j] = l_run[j]
                 for m in range(d):
-                    acc_out[r, ch, j, m] = acc[j, m]
-                    accp_out[r, ch, j, m] = accp[j, m]
-        merge_chunks(m_out, l_out, acc_out, accp_out, vorder, top, l, stored, plain)
+                    acc_out[ri, ch, j, m] = acc[j, m]
+                    accp_out[ri, ch, j, m] = accp[j, m]
+        merge_chunks(m_out, l_out, acc_out, accp_out, vorder, rowlist, top, l, stored, plain)
 
     return kernel

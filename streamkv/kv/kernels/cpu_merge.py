@@ -12,24 +12,26 @@ from numba import njit
 
 
 @njit(fastmath=True)
-def merge_chunks(m_out, l_out, acc, accp, vorder, top, l, stored, plain):
-    """The jobs' partials of each row merged (flash-decoding's reduction), values back to channel order."""
+def merge_chunks(m_out, l_out, acc, accp, vorder, rowlist, top, l, stored, plain):
+    """The jobs' partials of each row merged (flash-decoding's reduction) into the rows ``rowlist`` of
+    the outputs, values back to channel order."""
     rows, chunks, nq, d = acc.shape
-    for r in range(rows):
+    for ri in range(rows):
+        r = rowlist[ri]
         for j in range(nq):
             mx = np.float32(-1e30)
             for c in range(chunks):
-                mx = max(mx, m_out[r, c, j])
+                mx = max(mx, m_out[ri, c, j])
             tot = np.float32(0.0)
             for m in range(d):
                 stored[r, j, vorder[m]] = 0.0
                 plain[r, j, m] = 0.0
             for c in range(chunks):
-                w = np.exp(m_out[r, c, j] - mx)
-                tot += l_out[r, c, j] * w
+                w = np.exp(m_out[ri, c, j] - mx)
+                tot += l_out[ri, c, j] * w
                 for m in range(d):
-                    stored[r, j, vorder[m]] += acc[r, c, j, m] * w
-                    plain[r, j, m] += accp[r, c, j, m] * w
+                    stored[r, j, vorder[m]] += acc[ri, c, j, m] * w
+                    plain[r, j, m] += accp[ri, c, j, m] * w
             top[r, j, 0] = mx if mx > -1e29 else 0.0  # nothing seen: a finite max, zero weight
             l[r, j, 0] = tot
 

@@ -78,6 +78,7 @@ class Segments:
     """Consecutive token ranges stored in different layouts (a width that changed mid-stream)."""
 
     parts: list = field(default_factory=list)
+    derived: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # readers' plans of it
 
     @property
     def tokens(self) -> int:
@@ -151,6 +152,7 @@ class RowSplit:
     widths: torch.Tensor  # uint8 (rows,)
     parts: list
     dim: int
+    derived: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # readers' plans of it
 
     @property
     def tokens(self) -> int:

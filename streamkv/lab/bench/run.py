@@ -38,7 +38,6 @@ from ...kv.errors import ConfigError, check
 from ...kv.model_facts import max_positions
 from .. import registry
 from ..context import RunContext, new_cache
-from ..paths import REPO
 from ..runs.results import git_revision, versions, write_json_atomic
 from ..tasks.perplexity import Perplexity
 from .measure import SpeedReference, measure_soak, measure_speed, warm_up
@@ -52,13 +51,6 @@ SPEED_REFERENCE = "DynamicCache"
 
 def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
-
-
-def _resolve_data_path(data) -> None:
-    """A relative ``data.path`` that is not there from here is taken relative to the repository."""
-    path = getattr(data, "path", None)
-    if path and not Path(path).expanduser().is_absolute() and not Path(path).is_file() and (REPO / path).is_file():
-        data.path = str(REPO / path)
 
 
 def run_bench(cfg: BenchConfig | DictConfig, run_dir: str | os.PathLike, command: str | None = None) -> dict:
@@ -78,7 +70,6 @@ def run_bench(cfg: BenchConfig | DictConfig, run_dir: str | os.PathLike, command
 
     model_spec = registry.create("model", cfg.model)
     data = registry.create("data", cfg.data)
-    _resolve_data_path(data)
     text = data.load()
     model, tokenizer = model_spec.load()
     device = next(model.parameters()).device

@@ -79,7 +79,7 @@ class WikiText2:
             raise ConfigError(
                 f"cannot load {self.hub_name}/{self.hub_config} from the hub "
                 f"({f'offline: {offline}' if offline else type(e).__name__}); "
-                "pass a local copy with data.path=../shared/data/wikitext-2-raw/test.txt"
+                "pass a local copy of its test split with data.path=... (or STREAMKV_WIKITEXT=...)"
             ) from None
         return _nonempty("\n\n".join(ds["text"]), "data=wikitext2")
 
