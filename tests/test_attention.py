@@ -69,6 +69,13 @@ def test_fused_equals_dense_in_batches_mqa_and_long_prefill_blocks(tiny64, kerne
     torch.testing.assert_close(ours, ref, atol=2e-4, rtol=0)
 
 
+def spy(monkeypatch, module, name: str) -> list:
+    """The first argument of every call of ``module.name``, recorded (the call goes through)."""
+    calls, real = [], getattr(module, name)
+    monkeypatch.setattr(module, name, lambda first, *a: calls.append(first) or real(first, *a))
+    return calls
+
+
 def test_decoding_on_the_cpu_reads_the_default_storage_with_the_kernel(tiny64, monkeypatch, one_thread):
     """The default layout (Hadamard-rotated keys stored before RoPE, with outliers) takes the one-pass
     kernel in decoding, the whole step in compiled code (residual and own tokens included), rather
@@ -77,10 +84,7 @@ def test_decoding_on_the_cpu_reads_the_default_storage_with_the_kernel(tiny64, m
 
     if not cpu.available():
         pytest.skip("numba is not installed")
-    read, steps = [], []
-    _read, decode = cpu._read, cpu.decode
-    monkeypatch.setattr(cpu, "_read", lambda seg, *a: read.append(seg) or _read(seg, *a))
-    monkeypatch.setattr(cpu, "decode", lambda view, *a: steps.append(view) or decode(view, *a))
+    read, steps = spy(monkeypatch, cpu, "_read"), spy(monkeypatch, cpu, "decode")
     ids = torch.randint(0, 96, (1, 200))
     q = {"name": "uniform", "key_group_size": 64, "rotate_keys": True, "rotate_values": True}  # conf/quantizer/uniform.yaml
     backends_agree(tiny64, q, "fixed", "ema_relative", ids, chunk=64, decode=3)
@@ -99,10 +103,7 @@ def test_decoding_on_the_cpu_reads_the_presets_storage_with_the_kernel(tiny64, p
 
     if not cpu.available():
         pytest.skip("numba is not installed")
-    steps, tensor_path = [], []
-    decode, scores = cpu.decode, fused._scores
-    monkeypatch.setattr(cpu, "decode", lambda view, *a: steps.append(view) or decode(view, *a))
-    monkeypatch.setattr(fused, "_scores", lambda seg, *a: tensor_path.append(seg) or scores(seg, *a))
+    steps, tensor_path = spy(monkeypatch, cpu, "decode"), spy(monkeypatch, fused, "_scores")
     q = {"name": "lloyd_max", "key_group_size": 64, "value_group_size": 32}
     q.update({"lloyd_max_budget": {"budget_bits": 4.6, "widths": [2, 3, 4, 8]},
               "lloyd_max_budget_per_layer": {"budget_bits": 3.6, "granularity": "layer"},

@@ -72,6 +72,19 @@ def test_ablation_variants_remove_one_ingredient_each():
     assert (get["per_token_keys"].quantizer.key_axis, get["per_token_keys"].quantizer.key_group_size) == ("token", 64)
     assert get["post_rope_keys"].quantizer.pre_rope is False and full.quantizer.pre_rope is True
     assert get["baseline"].hydra.runtime.choices.quantizer == "none"
+    assert get["edge_layers"].quantizer.edge_layers == 2 and full.quantizer.edge_layers == 0
+
+
+def test_the_long_context_sweep_composes_every_method_on_the_same_prompts():
+    """One job per conf/method option, each the lm_eval task with the same RULER prompts (only the
+    compression differs), named after the sweep."""
+    methods = compose_sweep("longctx").hydra.sweeper.params.method.split(",")
+    assert set(methods) <= {p.stem for p in (CONF / "method").glob("*.yaml")} and "baseline" in methods
+    jobs = {m: compose_sweep("longctx", [f"method={m}"]) for m in methods}
+    assert {j.name for j in jobs.values()} == {"longctx"} and {str(j.hydra.mode) for j in jobs.values()} == {"RunMode.MULTIRUN"}
+    assert len({repr(j.task) for j in jobs.values()}) == 1
+    assert jobs["baseline"].hydra.runtime.choices.quantizer == "none" and jobs["kv3"].quantizer.budget_bits == 3.25
+    assert jobs["seed2"].quantizer.key_bits == 2 and jobs["seed2"].hydra.runtime.choices.quantizer == "uniform"
 
 
 def test_unknown_sweep_is_a_one_line_error(capsys):
@@ -80,7 +93,7 @@ def test_unknown_sweep_is_a_one_line_error(capsys):
     with pytest.raises(SystemExit) as e:
         main(["nope"])
     err = capsys.readouterr().err
-    assert e.value.code == 2 and err.count("\n") == 1 and "'ablation', 'bits', 'chunk', 'codebooks', 'pareto', 'tune'" in err
+    assert e.value.code == 2 and err.count("\n") == 1 and "'ablation', 'bits', 'chunk', 'codebooks', 'longctx', 'pareto', 'tune'" in err
 
 
 def test_job_dir_names_are_one_safe_path_component():

@@ -70,6 +70,8 @@ def check_budget(q: Any, head_dim: int | None = None) -> None:
     widths = sorted(q.widths)
     check(len(widths) >= 1, "quantizer.widths must name at least one width")
     b = q.budget_bits
+    if q.edge_layers:  # how far edge layers move the reachable range depends on the model: check_edges
+        return
     if head_dim is None:
         check(
             widths[0] < b <= widths[-1] + 1,
@@ -86,6 +88,23 @@ def check_budget(q: Any, head_dim: int | None = None) -> None:
     )
 
 
+def check_edges(q: Any, num_layers: int) -> None:
+    """A one-line error when the budget, with the edge layers at their width, leaves the other layers
+    less than their lowest width or more than their highest (before scales, sinks and outliers)."""
+    edges = sum(q.is_edge(layer, num_layers) for layer in range(num_layers))
+    if not edges:
+        return
+    check(edges < num_layers, f"quantizer.edge_layers={q.edge_layers} keeps all {num_layers} layers at edge_bits; nothing is left to budget")
+    share, widths = edges / num_layers, sorted(q.widths)
+    lo, hi = (share * q.edge_bits + (1 - share) * w for w in (widths[0], widths[-1] + 1))
+    check(
+        lo <= q.budget_bits <= hi,
+        f"quantizer.budget_bits={q.budget_bits} cannot be met with quantizer.edge_layers={q.edge_layers} at "
+        f"edge_bits={q.edge_bits} ({edges} of {num_layers} layers): allowed about {lo:.2f} to {hi:.2f} with the other "
+        f"layers at {widths[0]} to {widths[-1]} bits plus scales; change the budget or edge_layers/edge_bits",
+    )
+
+
 Unit = tuple  # (kind, layer, row): row is a kv-head (x batch) index, or -1 for the whole layer
 
 
@@ -95,6 +114,7 @@ class BudgetAllocator:
     def __init__(self, quantizer: Any, num_layers: int):
         self.q = quantizer
         self.num_layers = num_layers
+        check_edges(quantizer, num_layers)
         self.widths = sorted(quantizer.widths)
         self.per_head = quantizer.granularity == "head"
         self.energy: dict[Unit, float] = {}  # unit -> smoothed deviation energy per token
@@ -139,7 +159,16 @@ class BudgetAllocator:
     def _units(self, kind: str, layer: int) -> list[Unit]:
         return [(kind, layer, r) for r in range(self.rows)] if self.per_head else [(kind, layer, -1)]
 
+    def _edges(self) -> int:
+        """Layers stored at the quantizer's ``edge_bits``, outside the allocation."""
+        return sum(self.q.is_edge(layer, self.num_layers) for layer in range(self.num_layers))
+
     def _encode(self, kind: str, x: torch.Tensor, exclude: torch.Tensor | None, layer: int):
+        if self.q.is_edge(layer, self.num_layers):  # paid for out of the budget, not allocated
+            enc = self.q.encode_at(kind, x, exclude, self.q.edge_bits)
+            self.body_bits += 8 * enc.nbytes
+            self.elements += x.numel()
+            return enc
         self._observe(kind, layer, x, exclude)
         widths = self._widths(kind, layer)
         if len(widths) == 1:
@@ -187,18 +216,20 @@ class BudgetAllocator:
 
     # -- allocation ---------------------------------------------------------------------------------
     def _all_units(self) -> list[Unit]:
-        return [u for layer in range(self.num_layers) for k in KINDS for u in self._units(k, layer)]
+        layers = [layer for layer in range(self.num_layers) if not self.q.is_edge(layer, self.num_layers)]
+        return [u for layer in layers for k in KINDS for u in self._units(k, layer)]
 
     def _new_round(self, x: torch.Tensor) -> None:
         """The round that starts with this block of layer 0's keys: its code budget, and (once every
         unit has statistics) every unit's width."""
         self.rows = x.shape[0]
         n_round = x.numel() * 2 * self.num_layers  # every layer and kind holds a block of this size
+        n_edge = x.numel() * 2 * self._edges()  # ... of which the edge layers', at their own width
         meta = sum(metadata_bits(self.q, k, x.shape[-1]) for k in KINDS) / 2
         extras_rate = self.extras_bits / self.elements if self.elements else 0.0
         spent = self.body_bits + self.extras_bits
-        allowed = self.q.budget_bits * (self.elements + n_round) - spent - extras_rate * n_round
-        self.code_target = allowed / n_round - meta  # mean code bits per unit this round
+        allowed = self.q.budget_bits * (self.elements + n_round) - spent - extras_rate * n_round - self.q.edge_bits * n_edge
+        self.code_target = allowed / (n_round - n_edge) - meta  # mean code bits per allocated unit this round
         units = self._all_units()
         self.table = self._solve(units, self.code_target) if all(u in self.energy for u in units) else {}
         self.rounds += 1

@@ -95,8 +95,9 @@ class LloydMaxQuantizer(GroupedQuantizer):
 
     def for_stream(self, num_layers: int) -> Any:
         """What one cache (one sequence) encodes with (:class:`~streamkv.kv.contracts.PerSequence`): this
-        quantizer, or with ``budget_bits`` a per-sequence allocator that picks the widths online."""
-        return self if self.budget_bits is None else BudgetAllocator(self, num_layers)
+        quantizer (told the layers, for edge layers), or with ``budget_bits`` a per-sequence allocator
+        that picks the widths online."""
+        return super().for_stream(num_layers) if self.budget_bits is None else BudgetAllocator(self, num_layers)
 
     def describe(self) -> str:
         bits = f"budget {self.budget_bits}" if self.budget_bits is not None else f"{self.key_bits}/{self.value_bits}"

@@ -73,20 +73,10 @@ def slice_block(block: Any, start: int, stop: int) -> Any:
     return TokenSlice(block.slice_tokens(a, b), start - a, stop - start)
 
 
-@dataclass
-class Segments:
-    """Consecutive token ranges stored in different layouts (a width that changed mid-stream)."""
+class _Parts:
+    """What a block made of ``parts`` answers from them."""
 
-    parts: list = field(default_factory=list)
-    derived: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # readers' plans of it
-
-    @property
-    def tokens(self) -> int:
-        return sum(p.tokens for p in self.parts)
-
-    @property
-    def dim(self) -> int:
-        return self.parts[0].dim
+    parts: list
 
     @property
     def device(self) -> torch.device:
@@ -99,6 +89,22 @@ class Segments:
     @property
     def numel(self) -> int:
         return sum(p.numel for p in self.parts)
+
+
+@dataclass
+class Segments(_Parts):
+    """Consecutive token ranges stored in different layouts (a width that changed mid-stream)."""
+
+    parts: list = field(default_factory=list)
+    derived: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # readers' plans of it
+
+    @property
+    def tokens(self) -> int:
+        return sum(p.tokens for p in self.parts)
+
+    @property
+    def dim(self) -> int:
+        return self.parts[0].dim
 
     @property
     def nbytes(self) -> int:
@@ -145,7 +151,7 @@ class Segments:
 
 
 @dataclass
-class RowSplit:
+class RowSplit(_Parts):
     """One block whose rows (batch x kv-heads) are stored at different widths: ``widths`` (uint8, one
     per row, held and counted) says which, each part holds the rows of one width, ascending."""
 
@@ -157,18 +163,6 @@ class RowSplit:
     @property
     def tokens(self) -> int:
         return self.parts[0].tokens
-
-    @property
-    def device(self) -> torch.device:
-        return self.parts[0].device
-
-    @property
-    def unit_tokens(self) -> int:
-        return lcm(*(p.unit_tokens for p in self.parts))
-
-    @property
-    def numel(self) -> int:
-        return sum(p.numel for p in self.parts)
 
     @property
     def nbytes(self) -> int:

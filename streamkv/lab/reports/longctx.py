@@ -13,7 +13,8 @@ import re
 from pathlib import Path
 from typing import Optional
 
-from .sweep import OK, Job
+from .figures import pyplot
+from .jobs import OK, Job
 
 _LEN = re.compile(r"^score_len_(\d+)$")
 _CELL = re.compile(r"^(score|acc)_len_(\d+)_depth_([0-9.e-]+)$")
@@ -76,11 +77,9 @@ def heatmap(path: Path, name: str, jobs: list[Job]) -> bool:
         return False
     import numpy as np
 
-    from .sweep import _pyplot
-
     lengths = sorted({n for _, c in panels for n, _ in c})
     depths = sorted({d for _, c in panels for _, d in c})
-    plt = _pyplot()
+    plt = pyplot()
     cols = min(len(panels), 4)
     rows_n = -(-len(panels) // cols)
     fig, axes = plt.subplots(rows_n, cols, figsize=(2.2 + 1.1 * len(lengths) * cols, 0.9 + 0.45 * len(depths) * rows_n),
