@@ -45,7 +45,7 @@ def test_plan_runs_the_reference_first_and_filters_widths():
     assert [(j.method, j.bits) for j in speed_only] == [("kivi", 4)]  # no Δppl, no reference run
     full_cfg = bench_config()
     full = plan(full_cfg)
-    assert {j.method for j in full} == set(full_cfg.run) and len(full) == 1 + 3 + 3 + 3 + 2 + 3 + 3 + 2 + 3 + 1  # streamkv_post_rope: on demand
+    assert {j.method for j in full} == set(full_cfg.run) and len(full) == 1 + 3 + 3 + 3 + 2 + 3 + 3 + 2 + 3 + 1 + 4 + 1  # streamkv_post_rope, *_edge: on demand
 
 
 def test_tiny_bench_writes_table_csv_and_plot(tiny64_dir, text_file, tmp_path):

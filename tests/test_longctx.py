@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from streamkv.kv.errors import ConfigError
 from streamkv.lab.compression import build_compression
 from streamkv.lab.context import RunContext
 from streamkv.lab.lm_eval.model import StreamingCacheLM
@@ -192,3 +193,27 @@ def test_bad_long_context_input_is_one_line_and_writes_nothing(tiny_llama_dir, t
     lines = out.stderr.strip().splitlines()
     assert out.returncode == 2 and lines and lines[-1].startswith("error: ") and message in lines[-1], out.stderr[-1500:]
     assert "Traceback" not in out.stderr and not (run_dir / "results.json").exists()
+
+
+def test_stock_ruler_gets_the_tokenizer_and_lengths_it_needs(tiny_long, embedded_tok, prose, monkeypatch):
+    """lm-eval's stock ``ruler`` group reads ``pretrained`` (a tokenizer) and ``max_seq_lengths`` from
+    the task manager's metadata: the run hands over the model's tokenizer and ``task.lengths``.
+    Offline its data cannot load (nltk, the hub), which is one line."""
+    import lm_eval.tasks
+
+    seen = {}
+
+    class Manager:
+        all_tasks = ["ruler"]
+
+        def __init__(self, **kw):
+            seen.update(kw)
+
+        def load(self, name):
+            raise OSError("nltk data unavailable offline")
+
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", Manager)
+    ctx = context_for(tiny_long, embedded_tok, prose)
+    with pytest.raises(ConfigError, match=r"lm-eval task 'ruler' cannot load its data set .*offline"):
+        LmEval(names=["ruler"], lengths=[4096, 8192]).run(ctx)
+    assert seen["metadata"]["max_seq_lengths"] == [4096, 8192] and seen["metadata"]["pretrained"]

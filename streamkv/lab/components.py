@@ -9,10 +9,12 @@ from ..kv.attention import AutoBackend, DenseBackend, FusedBackend, TritonBacken
 from ..kv.outliers.ema_relative import EmaRelativeOutliers
 from ..kv.outliers.none import NoOutliers
 from ..kv.outliers.topk import TopKOutliers
+from ..kv.quantizers.fp8 import Fp8Quantizer
 from ..kv.quantizers.lloyd_max import LloydMaxQuantizer
 from ..kv.quantizers.none import NoQuantizer
 from ..kv.quantizers.nonuniform import NonUniformQuantizer
 from ..kv.quantizers.per_token import IntPerTokenQuantizer
+from ..kv.quantizers.turboquant import TurboQuantQuantizer
 from ..kv.quantizers.uniform import UniformQuantizer
 from ..kv.sinks.fixed import FixedSinks
 from ..kv.sinks.none import NoSinks
@@ -24,6 +26,8 @@ BUILTINS = {
     ("quantizer", "nonuniform"): NonUniformQuantizer,
     ("quantizer", "int_per_token"): IntPerTokenQuantizer,
     ("quantizer", "lloyd_max"): LloydMaxQuantizer,
+    ("quantizer", "turboquant"): TurboQuantQuantizer,
+    ("quantizer", "fp8"): Fp8Quantizer,
     ("sink", "none"): NoSinks,
     ("sink", "fixed"): FixedSinks,
     ("outlier", "none"): NoOutliers,

@@ -7,13 +7,10 @@ from dataclasses import dataclass, field
 import torch
 
 
-@dataclass
-class Raw:
-    """``(rows, tokens, dim)`` held as it is; same interface as the packed blocks."""
+class Elementwise:
+    """A block that holds one ``data`` element per value, ``(rows, tokens, dim)``: its shape answers."""
 
     data: torch.Tensor
-    derived: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # readers' layouts of it
-
     unit_tokens = 1
 
     @property
@@ -31,6 +28,14 @@ class Raw:
     @property
     def numel(self) -> int:
         return self.data.numel()
+
+
+@dataclass
+class Raw(Elementwise):
+    """``(rows, tokens, dim)`` held as it is; same interface as the packed blocks."""
+
+    data: torch.Tensor
+    derived: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # readers' layouts of it
 
     @property
     def nbytes(self) -> int:
