@@ -83,3 +83,28 @@ def test_the_engine_has_no_import_cycle():
             done.add(start)
             visit(start, [start])
     assert not cycles, "\n".join(sorted(set(cycles)))
+
+
+def test_every_stored_block_meets_the_contract():
+    """Each storage class answers everything a layer and a reader ask (the StoredBlock protocol)."""
+    import torch
+
+    from streamkv.kv.contracts import StoredBlock
+    from streamkv.kv.storage.codebook import quantize_codebook, quantize_lloyd_max, quantize_minmax
+    from streamkv.kv.storage.composite import split_rows
+    from streamkv.kv.storage.fp8 import quantize_fp8
+    from streamkv.kv.storage.packed import quantize
+    from streamkv.kv.storage.raw import Raw
+    from streamkv.kv.storage.turboquant import quantize_unit_norm
+
+    x = torch.randn(4, 32, 16)
+    blocks = [quantize(x, 4, "channel", 16), quantize_codebook(x, 3, "token", 16), quantize_lloyd_max(x, 2, "token", 16),
+              quantize_minmax(x, 3, "channel", 16), Raw(x.half()), quantize_fp8(x), quantize_unit_norm(x, 3),
+              split_rows([2, 4, 2, 4], lambda rows, b: quantize(x if rows is None else x[rows], b, "token", 16), 16),
+              quantize(x[:, :16], 2, "token", 16).append(quantize(x[:, 16:], 4, "token", 16))]
+    assert {type(b).__name__ for b in blocks} >= {"Quantized", "CodebookQuantized", "Rotated", "Raw", "Fp8", "RowSplit", "Segments"}
+    for block in blocks:
+        inner = getattr(block, "inner", block)
+        assert isinstance(inner, StoredBlock), type(inner).__name__
+        assert inner.tokens == 32 and inner.dim == 16 and inner.nbytes == sum(t.nbytes for t in inner.tensors())
+        assert block.dequantize(torch.float32).shape == x.shape

@@ -14,20 +14,52 @@ import torch
 
 @runtime_checkable
 class StoredBlock(Protocol):
-    """Encoded keys or values of a run of tokens: appendable along tokens, counted, readable."""
+    """Encoded keys or values of a run of tokens, ``(rows, tokens, dim)`` with rows = batch x KV heads:
+    everything a layer and a reader ask of one (:mod:`streamkv.kv.storage` holds the classes).
+
+    A block never changes once made (``append`` makes a new one), so readers may derive data from it
+    once and keep it in ``derived``, which goes with the block."""
 
     @property
     def tokens(self) -> int: ...
 
     @property
-    def nbytes(self) -> int: ...
+    def dim(self) -> int: ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def unit_tokens(self) -> int:
+        """Tokens per storage unit: a reader's slice starts and ends on their boundaries."""
+        ...
+
+    @property
+    def numel(self) -> int: ...
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every tensor held: what every size report sums."""
+        ...
+
+    @property
+    def layout(self) -> tuple:
+        """Blocks of equal layouts concatenate into one; others append as a composite."""
+        ...
+
+    @property
+    def derived(self) -> dict: ...
 
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor held (what byte counts sum)."""
         ...
 
     def append(self, other: Any) -> Any:
-        """``self`` followed by ``other`` (a block of the same encoding)."""
+        """``self`` followed by ``other`` along tokens."""
+        ...
+
+    def slice_tokens(self, start: int, stop: int) -> Any:
+        """Tokens ``[start, stop)`` as views (ends on unit boundaries)."""
         ...
 
     def dequantize(self, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
