@@ -53,7 +53,7 @@ def test_tiny_bench_writes_table_csv_and_plot(tiny64_dir, text_file, tmp_path):
     cmd = [
         sys.executable, "-m", "runners.bench", "preset=tiny", f"model.path={tiny64_dir}", "model.name=tiny64",
         "data=text_file", f"data.path={text_file}", "run=[baseline,streamkv,kivi,kvquant,hf_fp8]",
-        "max_windows=1", "progress=false", f"hydra.run.dir={out}",
+        "max_windows=1", "progress=false", f"hydra.run.dir={out}", "measure=[ppl,prefill,decode,answer]",
     ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -67,6 +67,7 @@ def test_tiny_bench_writes_table_csv_and_plot(tiny64_dir, text_file, tmp_path):
         assert r["status"] == "ok" and float(r["ppl"]) > 1
         assert float(r["prefill_tok_s"]) > 0 and float(r["prefill_ratio"]) > 0
         assert float(r["decode_tok_s"]) > 0 and float(r["decode_ratio"]) > 0
+        assert float(r["answer_s"]) > 0 and float(r["answer_ratio"]) > 0
         assert float(r["kv_bytes_prefill"]) > 0
     assert float(rows[0]["delta_ppl_pct"]) == 0
     assert float(rows[0]["kl"]) == 0 and float(rows[0]["top1_agreement"]) == 1  # the reference is itself

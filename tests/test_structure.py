@@ -108,3 +108,12 @@ def test_every_stored_block_meets_the_contract():
         assert isinstance(inner, StoredBlock), type(inner).__name__
         assert inner.tokens == 32 and inner.dim == 16 and inner.nbytes == sum(t.nbytes for t in inner.tensors())
         assert block.dequantize(torch.float32).shape == x.shape
+
+
+def test_integrations_import_the_engine_and_their_stack_only():
+    """An adapter for a serving stack (``streamkv.integrations``) imports the engine, never the lab."""
+    root = ENGINE.parent / "integrations"
+    bad = [f"{p.relative_to(ENGINE.parent)}:{line} imports {mod}"
+           for p in sorted(root.rglob("*.py")) for mod, line in _imports(p)
+           if mod.startswith(("streamkv.lab", "hydra", "omegaconf", "runners"))]
+    assert list(root.rglob("*.py")) and not bad, "\n".join(bad)

@@ -1,5 +1,6 @@
-"""How the benchmark times and weighs a cache: prefill and decode throughput paired run by run with
-transformers' ``DynamicCache`` (so load on a shared machine hits both sides of a ratio alike), the
+"""How the benchmark times and weighs a cache: prefill and decode throughput, and a long-context
+question end to end (prefill, then the answer decoded), paired run by run with transformers'
+``DynamicCache`` (so load on a shared machine hits both sides of a ratio alike), the
 process's peak memory during the long prefill, and a soak: many sequences, each through a fresh
 cache that is then dropped, whose resident memory must not grow with their number."""
 
@@ -45,6 +46,12 @@ def timed_decode(model, cache, token: int, n: int, batch: int = 1) -> float:
     return time.perf_counter() - t0
 
 
+def timed_answer(model, ids: torch.Tensor, cache, chunk_size: int, n: int) -> float:
+    """Seconds to prefill ``ids`` into an empty ``cache`` and decode an ``n``-token greedy answer: what a
+    long-context question (a needle sample) costs end to end; the content does not change the cost."""
+    return timed_prefill(model, ids, cache, chunk_size) + timed_decode(model, cache, int(ids[-1]), n)
+
+
 class SpeedReference:
     """transformers' ``DynamicCache``, measured just before each timed run of a method (paired)."""
 
@@ -55,6 +62,7 @@ class SpeedReference:
         self.new = lambda: DynamicCache(config=model.config)
         self.prefill_runs: list[float] = []
         self.decode_runs: list[float] = []
+        self.answer_runs: list[float] = []
         self.memory: dict | None = None
         self.kv_bytes_prefill: int | None = None
         self._decode_cache = None
@@ -79,6 +87,13 @@ class SpeedReference:
         s = timed_decode(self.model, self._decode_cache, int(self.ids[ctx]), self.cfg.decode_tokens, self.cfg.decode_batch)
         self._decode_cache.crop(ctx - self._decode_cache.get_seq_length())  # back to the same context
         self.decode_runs.append(s)
+        return s
+
+
+    def answer_seconds(self) -> float:
+        s = timed_answer(self.model, self.ids[: self.cfg.answer_context], self.new(), self.cfg.chunk_size,
+                         self.cfg.answer_tokens)
+        self.answer_runs.append(s)
         return s
 
 
@@ -123,6 +138,17 @@ def measure_speed(model, ids: torch.Tensor, make_cache: Callable, cfg: BenchConf
         out["decode_ratio"] = statistics.median(ratios)
         out["decode_runs_s"] = runs
         out["decode_ref_runs_s"] = ref.decode_runs[-len(runs):]
+    if "answer" in cfg.measure:
+        runs, ratios = [], []
+        for _ in range(cfg.repeats):
+            rs = ref.answer_seconds()
+            s = timed_answer(model, ids[: cfg.answer_context], make_cache(), cfg.chunk_size, cfg.answer_tokens)
+            runs.append(s)
+            ratios.append(rs / s)
+        out["answer_s"] = statistics.median(runs)
+        out["answer_ratio"] = statistics.median(ratios)
+        out["answer_runs_s"] = runs
+        out["answer_ref_runs_s"] = ref.answer_runs[-len(runs):]
     return out
 
 

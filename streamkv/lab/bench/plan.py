@@ -36,6 +36,8 @@ class BenchConfig:
     decode_context: int = 4096  # context the decode throughput is measured at
     decode_tokens: int = 64  # tokens decoded per timed decode run
     decode_batch: int = 1  # sequences decoded together (the same prompt, batch x)
+    answer_context: int = 4096  # measure=[answer]: a question on a prompt this long (prefill + answer) ...
+    answer_tokens: int = 32  # ... answered in this many greedy tokens, end to end
     repeats: int = 3  # timed runs per measurement (median)
     measure: list[str] = field(default_factory=lambda: ["ppl", "prefill", "decode"])
     reference: str = "baseline"  # the method Δppl is computed against, run first when ppl is measured
@@ -55,7 +57,7 @@ class BenchConfig:
 
 ConfigStore.instance().store(group="schema", name="bench", node=BenchConfig, provider="streamkv")
 
-MEASURES = ("ppl", "prefill", "decode", "soak")
+MEASURES = ("ppl", "prefill", "decode", "answer", "soak")
 
 
 def compose_eval(overrides: list[str], conf_dir: str | os.PathLike = CONF_DIR) -> DictConfig:

@@ -11,7 +11,7 @@ from .plan import BenchConfig
 CSV_FIELDS = [
     "method", "bits", "status", "ppl", "delta_ppl_pct", "kl", "kl_p99", "top1_agreement", "avg_key_bits", "avg_value_bits", "avg_bits", "kv_bytes",
     "kv_bytes_fp16", "compression_ratio", "key_outlier_fraction", "value_outlier_fraction", "kv_bytes_prefill",
-    "kv_bytes_prefill_fp16", "prefill_tok_s", "prefill_ratio", "decode_tok_s", "decode_ratio", "peak_rss_mib",
+    "kv_bytes_prefill_fp16", "prefill_tok_s", "prefill_ratio", "decode_tok_s", "decode_ratio", "answer_s", "answer_ratio", "peak_rss_mib",
     "peak_rss_delta_mib", "cuda_peak_mib", "soak_growth_mib", "soak_rss_mib", "ppl_tokens", "ppl_seconds", "seconds", "label", "overrides", "error",
 ]
 
@@ -49,15 +49,16 @@ def markdown(rows: list[dict], reference: dict | None, meta: dict, cfg: BenchCon
         "fraction of tokens whose argmax agrees.",
         f"- speed: prefill of a {p['prefill_tokens']}-token prompt in chunks of {p['chunk_size']} (last logits only); "
         f"decode of {p['decode_tokens']} greedy tokens x batch {p.get('decode_batch', 1)} at a {p['decode_context']}-token context; medians of "
-        f"{p['repeats']} runs. ×ref = median of per-run ratios to transformers' DynamicCache run just before "
+        f"{p['repeats']} runs; answer: a question on a {p.get('answer_context', 4096)}-token prompt end to end (prefill, then "
+        f"{p.get('answer_tokens', 32)} greedy tokens), seconds. ×ref = median of per-run ratios to transformers' DynamicCache run just before "
         "(higher is faster). Peak RSS: the process's peak resident memory during the first long prefill "
         "(model weights included; Δ = above the resident memory at its start). Soak: resident memory after each of "
         f"{cfg.soak_sequences} sequences ({cfg.soak_tokens} prompt tokens, {cfg.soak_decode} decoded) through a fresh cache "
         "that is then dropped; growth from the third sequence to the last (MiB; flat = nothing a dropped cache held stays).",
         "",
         "| method | bits | K bits | V bits | KV MiB @window | ×smaller vs fp16 | ppl | Δppl | KL | KL p99 | top-1 | "
-        "KV MiB @prefill | prefill tok/s | ×ref | decode tok/s | ×ref | peak RSS MiB (Δ) | soak growth MiB | status |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "KV MiB @prefill | prefill tok/s | ×ref | decode tok/s | ×ref | answer s | ×ref | peak RSS MiB (Δ) | soak growth MiB | status |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows + ([reference] if reference else []):
         status = r.get("status", "reference")
@@ -86,6 +87,8 @@ def markdown(rows: list[dict], reference: dict | None, meta: dict, cfg: BenchCon
                 _fmt(r.get("prefill_ratio"), ".2f"),
                 _fmt(r.get("decode_tok_s"), ".2f"),
                 _fmt(r.get("decode_ratio"), ".2f"),
+                _fmt(r.get("answer_s"), ".2f"),
+                _fmt(r.get("answer_ratio"), ".2f"),
                 peak_s,
                 _fmt(r.get("soak_growth_mib"), "+.0f"),
                 status,

@@ -77,7 +77,7 @@ def run_bench(cfg: BenchConfig | DictConfig, run_dir: str | os.PathLike, command
     n_prompt = cfg.prefill_tokens or limit
     check(n_prompt is not None, "prefill_tokens must be set: the model does not say its maximum positions")
     check(limit is None or n_prompt <= limit, f"prefill_tokens={n_prompt} exceeds the model's {limit} positions")
-    speed_wanted = any(m in cfg.measure for m in ("prefill", "decode")) and any(j.speed for j in jobs)
+    speed_wanted = any(m in cfg.measure for m in ("prefill", "decode", "answer")) and any(j.speed for j in jobs)
     ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])
     if speed_wanted:
         check(len(ids) > n_prompt, f"the text has {len(ids)} tokens, fewer than prefill_tokens={n_prompt} + 1")
@@ -89,6 +89,10 @@ def run_bench(cfg: BenchConfig | DictConfig, run_dir: str | os.PathLike, command
             cfg.decode_context + cfg.decode_tokens * (cfg.repeats + 1) + 2 <= (limit or math.inf),
             f"decode_context={cfg.decode_context} plus {cfg.repeats + 1} x {cfg.decode_tokens} decoded tokens "
             f"exceeds the model's {limit} positions",
+        )
+        check(
+            "answer" not in cfg.measure or cfg.answer_context <= n_prompt,
+            f"answer_context={cfg.answer_context} must not exceed the prompt (prefill_tokens={n_prompt})",
         )
     prompt = ids[:n_prompt]
     ptask = Perplexity(window=cfg.window, max_windows=cfg.max_windows, mode="stream", kl_cache_mb=cfg.kl_cache_mb)
@@ -145,12 +149,14 @@ def run_bench(cfg: BenchConfig | DictConfig, run_dir: str | os.PathLike, command
         if ref_ppl and r.get("ppl"):
             r["delta_ppl_pct"] = 100 * (r["ppl"] / ref_ppl - 1)
     reference = None
-    if ref is not None and ref.prefill_runs + ref.decode_runs:
+    if ref is not None and ref.prefill_runs + ref.decode_runs + ref.answer_runs:
         reference = {"method": SPEED_REFERENCE, "label": "transformers DynamicCache (uncompressed, speed reference)"}
         if ref.prefill_runs:
             reference.update(prefill_tok_s=len(prompt) / statistics.median(ref.prefill_runs), kv_bytes_prefill=ref.kv_bytes_prefill, **(ref.memory or {}))
         if ref.decode_runs:
             reference["decode_tok_s"] = cfg.decode_batch * cfg.decode_tokens / statistics.median(ref.decode_runs)
+        if ref.answer_runs:
+            reference["answer_s"] = statistics.median(ref.answer_runs)
 
     meta = {
         "command": command,
@@ -165,7 +171,8 @@ def run_bench(cfg: BenchConfig | DictConfig, run_dir: str | os.PathLike, command
         "load_average_end": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "protocol": {"window": cfg.window, "max_windows": cfg.max_windows, "chunk_size": cfg.chunk_size,
                      "prefill_tokens": len(prompt), "decode_context": cfg.decode_context,
-                     "decode_tokens": cfg.decode_tokens, "decode_batch": cfg.decode_batch, "repeats": cfg.repeats, "measure": list(cfg.measure)},
+                     "decode_tokens": cfg.decode_tokens, "decode_batch": cfg.decode_batch,
+                     "answer_context": cfg.answer_context, "answer_tokens": cfg.answer_tokens, "repeats": cfg.repeats, "measure": list(cfg.measure)},
         "versions": versions(),
         "git": revision,
     }

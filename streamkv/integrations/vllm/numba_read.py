@@ -1,0 +1,116 @@
+"""The compiled read (numba), imported by ``kernel.py`` on the first read only (never at import time:
+vLLM 0.32's CPU worker dies at start if numba is loaded; see ``kernel.py``).
+
+Every function is top-level so numba's on-disk cache keeps it across processes. ``read_<dim>_<kg>_<vg>``
+are the presets' slot layouts with their sizes as constants (their short code loops then unroll: 1.4x
+faster than with the sizes as arguments); ``read_any`` takes any layout. Each compiles on first use.
+"""
+
+import numba
+import numpy as np
+
+POW2 = np.array([2.0 ** (e - 25) for e in range(32)], np.float32)  # fp16 exponent e -> 2**(e - 25)
+jit = numba.njit(inline="always", cache=True)
+
+
+@jit
+def half(lo, hi):  # an fp16 from its two little-endian bytes (numba has no float16; no libm call)
+    h = np.int32(lo) | (np.int32(hi) << 8)
+    e, m = (h >> 10) & 0x1F, h & 0x3FF
+    v = np.float32(m if e == 0 else 1024 + m) * POW2[max(e, 1)] if e != 31 else np.float32(np.inf)
+    return -v if h & 0x8000 else v
+
+
+@jit
+def unpack_bytes(slot, off, codes, bits):  # 1, 2, 4 or 8-bit codes: byte by byte, low bits first
+    per, mask = 8 // bits, (1 << bits) - 1
+    for j in range(codes.shape[0] // per):
+        w = slot[off + j]
+        for k in range(per):
+            codes[j * per + k] = (w >> (k * bits)) & mask
+
+
+@jit
+def unpack3(slot, off, codes):  # 3 bits: bit 3i of the little-endian stream
+    for i in range(codes.shape[0]):
+        b = off + ((3 * i) >> 3)
+        w = np.int32(slot[b]) | (np.int32(slot[b + 1]) << 8 if ((3 * i) & 7) > 5 else 0)
+        codes[i] = (w >> ((3 * i) & 7)) & 7
+
+
+@jit
+def part(slot, off, bits, group, ncodes, codes, buf):  # one token's keys (or values) of one head, float32
+    if bits == 4:  # first the codes, as numbers (a constant width per branch) ...
+        unpack_bytes(slot, off, codes, 4)
+    elif bits == 8:
+        unpack_bytes(slot, off, codes, 8)
+    elif bits == 2:
+        unpack_bytes(slot, off, codes, 2)
+    else:
+        unpack3(slot, off, codes)
+    for gi in range(buf.shape[0] // group):  # ... then each group's scale and zero: stride-1, vectorizes
+        m = off + ncodes + 4 * gi
+        scale, zero = half(slot[m], slot[m + 1]), half(slot[m + 2], slot[m + 3])
+        for i in range(gi * group, (gi + 1) * group):
+            buf[i] = codes[i] * scale + zero
+
+
+@jit
+def store_bf16(bits32, rounded, region, offsets):  # round to nearest even (vectorized), then place
+    for i in range(bits32.shape[0]):
+        u = bits32[i]
+        rounded[i] = np.uint16((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> 16)
+    for i in range(bits32.shape[0]):  # at vLLM's layout offsets
+        region[offsets[i]] = rounded[i]
+
+
+@jit
+def job(cache, pages, out, k_offsets, v_offsets, j, kbits, kgroup, kcodes, vbits, vgroup, vcodes, kbytes, dim):
+    """Page ``j // heads``, head ``j % heads``: every slot of it into ``out[j]``."""
+    heads, block = cache.shape[1], cache.shape[2]
+    p, h = j // heads, j % heads
+    buf, codes = np.empty(dim, np.float32), np.empty(dim, np.float32)
+    bits32, rounded = buf.view(np.uint32), np.empty(dim, np.uint16)
+    region = out[j]  # (block * 2 * dim,)
+    for t in range(block):
+        slot = cache[pages[p], h, t]
+        part(slot, 0, kbits, kgroup, kcodes, codes, buf)
+        store_bf16(bits32, rounded, region, k_offsets[t])
+        part(slot, kbytes, vbits, vgroup, vcodes, codes, buf)
+        store_bf16(bits32, rounded, region, v_offsets[t])
+
+
+@numba.njit(parallel=True, cache=True)
+def read_any(cache, pages, out, k_offsets, v_offsets, kbits, kgroup, kcodes, vbits, vgroup, vcodes, kbytes):
+    for j in numba.prange(pages.shape[0] * cache.shape[1]):
+        job(cache, pages, out, k_offsets, v_offsets, j, kbits, kgroup, kcodes, vbits, vgroup, vcodes, kbytes,
+            k_offsets.shape[1])
+
+
+@numba.njit(parallel=True, cache=True)
+def read_64_16_64(cache, pages, out, k_offsets, v_offsets, kbits, kgroup, kcodes, vbits, vgroup, vcodes, kbytes):
+    for j in numba.prange(pages.shape[0] * cache.shape[1]):
+        job(cache, pages, out, k_offsets, v_offsets, j, kbits, 16, kcodes, vbits, 64, vcodes, kbytes, 64)
+
+
+@numba.njit(parallel=True, cache=True)
+def read_64_32_64(cache, pages, out, k_offsets, v_offsets, kbits, kgroup, kcodes, vbits, vgroup, vcodes, kbytes):
+    for j in numba.prange(pages.shape[0] * cache.shape[1]):
+        job(cache, pages, out, k_offsets, v_offsets, j, kbits, 32, kcodes, vbits, 64, vcodes, kbytes, 64)
+
+
+@numba.njit(parallel=True, cache=True)
+def read_128_16_64(cache, pages, out, k_offsets, v_offsets, kbits, kgroup, kcodes, vbits, vgroup, vcodes, kbytes):
+    for j in numba.prange(pages.shape[0] * cache.shape[1]):
+        job(cache, pages, out, k_offsets, v_offsets, j, kbits, 16, kcodes, vbits, 64, vcodes, kbytes, 128)
+
+
+@numba.njit(parallel=True, cache=True)
+def read_128_32_64(cache, pages, out, k_offsets, v_offsets, kbits, kgroup, kcodes, vbits, vgroup, vcodes, kbytes):
+    for j in numba.prange(pages.shape[0] * cache.shape[1]):
+        job(cache, pages, out, k_offsets, v_offsets, j, kbits, 32, kcodes, vbits, 64, vcodes, kbytes, 128)
+
+
+def reader(dim: int, key_group: int, value_group: int):
+    """The compiled read for a slot layout."""
+    return globals().get(f"read_{dim}_{key_group}_{value_group}", read_any)
