@@ -19,21 +19,9 @@ takes any layout.
 import numba
 import numpy as np
 
-from .numba_read import half, unpack3, unpack_bytes
+from .numba_read import codes_of, half
 
 jit = numba.njit(inline="always", cache=True)
-
-
-@jit
-def codes_of(slot, off, bits, codes):  # one token's codes (keys or values) of one head, as float32
-    if bits == 4:
-        unpack_bytes(slot, off, codes, 4)
-    elif bits == 8:
-        unpack_bytes(slot, off, codes, 8)
-    elif bits == 2:
-        unpack_bytes(slot, off, codes, 2)
-    else:
-        unpack3(slot, off, codes)
 
 
 @jit

@@ -39,8 +39,8 @@ def unpack3(slot, off, codes):  # 3 bits: bit 3i of the little-endian stream
 
 
 @jit
-def part(slot, off, bits, group, ncodes, codes, buf):  # one token's keys (or values) of one head, float32
-    if bits == 4:  # first the codes, as numbers (a constant width per branch) ...
+def codes_of(slot, off, bits, codes):  # one token's codes (keys or values) of one head, as numbers
+    if bits == 4:  # a constant width per branch
         unpack_bytes(slot, off, codes, 4)
     elif bits == 8:
         unpack_bytes(slot, off, codes, 8)
@@ -48,6 +48,11 @@ def part(slot, off, bits, group, ncodes, codes, buf):  # one token's keys (or va
         unpack_bytes(slot, off, codes, 2)
     else:
         unpack3(slot, off, codes)
+
+
+@jit
+def part(slot, off, bits, group, ncodes, codes, buf):  # one token's keys (or values) of one head, float32
+    codes_of(slot, off, bits, codes)  # first the codes ...
     for gi in range(buf.shape[0] // group):  # ... then each group's scale and zero: stride-1, vectorizes
         m = off + ncodes + 4 * gi
         scale, zero = half(slot[m], slot[m + 1]), half(slot[m + 2], slot[m + 3])
