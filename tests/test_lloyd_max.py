@@ -55,6 +55,28 @@ def test_projection_reconstruction_keeps_inner_products_unbiased():
         assert lo < slope < hi, (rec, slope)
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("reconstruction", ["centroid", "unbiased", "projection"])
+def test_compiled_mse_search_stores_what_the_torch_reference_stores(bits, reconstruction, monkeypatch):
+    """scale=mse on the CPU: the compiled search (scale_search.py) against its torch reference, groups
+    of very different sizes, sink tokens and a sparse outlier left out of the statistics."""
+    pytest.importorskip("numba")
+    from streamkv.kv.storage import scale_search
+
+    torch.manual_seed(bits)
+    x = torch.randn(3, 200, 64) * torch.rand(3, 200, 1) * 4
+    exclude = torch.zeros_like(x, dtype=torch.bool)
+    exclude[:, :4] = True
+    exclude[1, 50, 7] = True
+    for leave_out in (None, exclude):
+        compiled = quantize_lloyd_max(x, bits, "token", 32, "mse", "log8", False, True, leave_out, reconstruction)
+        monkeypatch.setattr(scale_search, "available", lambda: False)
+        reference = quantize_lloyd_max(x, bits, "token", 32, "mse", "log8", False, True, leave_out, reconstruction)
+        monkeypatch.undo()
+        assert torch.equal(compiled.inner.scale, reference.inner.scale)
+        assert torch.equal(compiled.inner.codes, reference.inner.codes)
+
+
 def test_log8_scales_take_one_byte_and_round_to_within_five_percent():
     s = torch.tensor([1e-4, 0.013, 1.0, 7.5, 1000.0])
     code = encode_scale(s, "log8")

@@ -15,6 +15,7 @@ coordinate), and whole tokens stored elsewhere (sinks) are left out of the stati
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 
@@ -22,6 +23,7 @@ from ..transforms.hadamard import hadamard_on
 from .levels import gaussian_mse, lloyd_max, normal_float, thresholds
 from .packed import MIN_SCALE, Quantized, as_units, group_range, quantize
 from .packing import pack
+from . import scale_search
 from .rotated import Rotated
 
 SCALES = ("rms", "absmax", "mse")
@@ -100,6 +102,33 @@ def _prepare(x: torch.Tensor, exclude: torch.Tensor | None, rotated: bool) -> tu
     return x @ hadamard_on(x.shape[-1], x.device, x.dtype), (whole.expand_as(x) if bool(whole.any()) else None)
 
 
+@lru_cache(maxsize=1)
+def _log8_scales() -> torch.Tensor:
+    """Every one-byte scale decoded (the compiled search picks among these)."""
+    return decode_scale(torch.arange(256, dtype=torch.int32).to(torch.uint8))
+
+
+def _stored_scale(d, masked, n, r, levels, cuts, scale: str, scale_format: str) -> torch.Tensor:
+    """Each group's stored scale by ``scale`` (the torch reference of :mod:`.scale_search`)."""
+    rms = (masked(d * d).sum(r, keepdim=True) / n).sqrt()
+    if scale == "absmax":
+        return encode_scale(masked(d.abs()).amax(r, keepdim=True) / levels[-1], scale_format)
+    if scale == "rms":
+        return encode_scale(rms, scale_format)
+    best_err, s_stored = None, None  # mse: the candidate scale with the smallest squared error of the group
+    for m in _MSE_GRID:
+        cand = encode_scale(rms * m, scale_format)
+        s = decode_scale(cand)
+        err = masked((d - levels[torch.bucketize(d / s, cuts)] * s).square()).sum(r, keepdim=True)
+        if best_err is None:
+            best_err, s_stored = err, cand
+        else:
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            s_stored = torch.where(better, cand, s_stored)
+    return s_stored
+
+
 def quantize_lloyd_max(
     x: torch.Tensor,
     bits: int,
@@ -137,30 +166,20 @@ def quantize_lloyd_max(
         d = g
     levels = lloyd_max(bits).to(g.device)
     cuts = thresholds(bits).to(g.device)
-    rms = (masked(d * d).sum(r, keepdim=True) / n).sqrt()
-    if scale == "absmax":
-        s_stored = encode_scale(masked(d.abs()).amax(r, keepdim=True) / levels[-1], scale_format)
-    elif scale == "rms":
-        s_stored = encode_scale(rms, scale_format)
-    else:  # mse: the candidate scale with the smallest squared error of the group
-        best_err, s_stored = None, None
-        for m in _MSE_GRID:
-            cand = encode_scale(rms * m, scale_format)
-            s = decode_scale(cand)
-            err = masked((d - levels[torch.bucketize(d / s, cuts)] * s).square()).sum(r, keepdim=True)
-            if best_err is None:
-                best_err, s_stored = err, cand
-            else:
-                better = err < best_err
-                best_err = torch.where(better, err, best_err)
-                s_stored = torch.where(better, cand, s_stored)
-    codes = torch.bucketize(d / decode_scale(s_stored), cuts)
+    dd = dc = None  # the projection's sums, where the compiled search returns them
+    if scale == "mse" and scale_format == "log8" and r == 3 and d.device.type == "cpu" and scale_search.available():
+        codes, s_stored, dd, dc = scale_search.search_scales(d, w, levels, cuts, _MSE_GRID, _LOG_STEPS, _LOG_BIAS,
+                                                             _log8_scales())
+    else:
+        s_stored = _stored_scale(d, masked, n, r, levels, cuts, scale, scale_format)
+        codes = torch.bucketize(d / decode_scale(s_stored), cuts)
     if reconstruction == "unbiased":  # E[x xhat] = E[x^2] for a Gaussian group: no shrinkage of inner products
         s_stored = encode_scale(decode_scale(s_stored) / (1 - gaussian_mse(bits)), scale_format)
     elif reconstruction == "projection":  # per group: <d, dhat> = <d, d>
-        c = levels[codes]
-        dc = masked(d * c).sum(r, keepdim=True)
-        s_rec = masked(d * d).sum(r, keepdim=True) / dc.clamp_min(1e-30)
+        if dc is None:
+            dc = masked(d * levels[codes]).sum(r, keepdim=True)
+            dd = masked(d * d).sum(r, keepdim=True)
+        s_rec = dd / dc.clamp_min(1e-30)
         s_stored = torch.where(dc > 0, encode_scale(s_rec, scale_format), s_stored)
     codes = codes.to(torch.uint8)
     block = LloydMaxQuantized(pack(codes.flatten(2), bits), s_stored, z, bits, axis, group_size, dim)
