@@ -20,10 +20,10 @@ from functools import lru_cache
 import torch
 
 from ..transforms.hadamard import hadamard_on
+from . import scale_search
 from .levels import gaussian_mse, lloyd_max, normal_float, thresholds
 from .packed import MIN_SCALE, Quantized, as_units, group_range, quantize
 from .packing import pack
-from . import scale_search
 from .rotated import Rotated
 
 SCALES = ("rms", "absmax", "mse")
