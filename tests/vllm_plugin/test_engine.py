@@ -16,6 +16,18 @@ BUDGET = 1 << 30  # VLLM_CPU_KVCACHE_SPACE=1 (GiB)
 CHUNK = 256
 DECODES = 7  # new_tokens=8: the first comes from the prefill
 K4V4, K8V8 = 84, 140  # slot bytes per (token, KV head): codes + fp16 (scale, zero) per group
+# Two processes of the same stock engine do not always compute alike: in CI runs (a fresh venv, the
+# main suite beside it) some processes took a second set of bf16 numerics, never seen in repeated runs
+# alone; it moved stock's own first-chunk logprobs by 0.039 on average (max 0.29, signed mean 0.0002),
+# the size of bf16's floor (stock with chunks of 512 instead of 256: 0.041 on average, max 0.32). So
+# every comparison across processes allows that floor; none asserts bit-equality.
+FLOOR_MEAN, FLOOR_MAX = 0.05, 0.4
+
+
+def drift(a: list[float], b: list[float]) -> tuple[float, float]:
+    """Mean and max absolute difference of two logprob lists."""
+    d = [abs(x - y) for x, y in zip(a, b)]
+    return sum(d) / len(d), max(d)
 
 
 def expected_blocks(slot_bytes: int) -> int:
@@ -56,20 +68,23 @@ def test_k8v8_matches_stock(probe):
     firm = ties[0] if ties else len(stock["greedy"])
     assert firm >= 2 and k8["greedy"][:firm] == stock["greedy"][:firm]
     assert all(abs(a - b) < 0.1 for a, b in zip(stock["greedy_logprobs"][:firm], k8["greedy_logprobs"][:firm]))
+    # k8v8 moved them by 0.024 on average (max 0.33) against a stock process of the same numerics
+    mean, most = drift(stock["logprobs"], k8["logprobs"])
+    assert mean < FLOOR_MEAN + 0.03 and most < FLOOR_MAX + 0.3
     diffs = [b - a for a, b in zip(stock["logprobs"], k8["logprobs"])]
-    # bf16's own noise floor: stock with chunks of 512 instead of 256 moves these logprobs by 0.041 on
-    # average (max 0.32); k8v8 moved them by 0.024 (max 0.33) when this test was written
-    assert sum(map(abs, diffs)) / len(diffs) < 0.04 and max(map(abs, diffs)) < 0.5
     assert abs(sum(diffs) / len(diffs)) < 0.01  # mean log-likelihood: perplexity within 1%
 
 
 def test_chunked_prefill_reads_compressed_pages(probe):
     stock, k4 = probe(None), probe("k4v4")
     first = CHUNK - 1  # logprobs of tokens 1..255 come from the first chunk, which has no history
-    assert k4["logprobs"][:first] == stock["logprobs"][:first]  # own tokens at full precision: bit-exact
-    later = [abs(a - b) for a, b in zip(stock["logprobs"][first:], k4["logprobs"][first:])]
-    assert max(later) > 0  # chunks 2 and 3 saw 4-bit history ...
-    assert sum(later) / len(later) < 0.1  # ... close to the full-precision one
+    # its own tokens at full precision, through stock's kernel: equal bit for bit where both processes
+    # compute alike (the development machine), within bf16's floor where they do not (see FLOOR_MEAN)
+    mean, most = drift(stock["logprobs"][:first], k4["logprobs"][:first])
+    assert mean < FLOOR_MEAN and most < FLOOR_MAX
+    later, _ = drift(stock["logprobs"][first:], k4["logprobs"][first:])
+    assert later > 0  # chunks 2 and 3 saw 4-bit history ...
+    assert later < 0.075 + FLOOR_MEAN  # ... close to the full-precision one (0.075 against equal numerics)
     # history entries dequantized from pages: chunk 2 reads 256, chunk 3 reads 512, in every layer
     assert k4["calls"]["read"] >= LAYERS * (CHUNK + 2 * CHUNK)
 
@@ -88,8 +103,7 @@ def test_mixed_steps_split_decodes_from_prefill(probe):
         # k8v8 moved them by up to 0.14 here (0.08 with decodes through the read path) when this was written
         steps = [abs(a - b) for a, b in zip(s["greedy_logprobs"][:firm], k["greedy_logprobs"][:firm])]
         assert max(steps) < 0.2 and sum(steps) / len(steps) < 0.1
-        diffs = [abs(b - a) for a, b in zip(s["logprobs"], k["logprobs"])]
-        assert sum(diffs) / len(diffs) < 0.05
+        assert drift(s["logprobs"], k["logprobs"])[0] < 0.03 + FLOOR_MEAN
 
 
 def test_edge_layers_keep_dense_pages_in_the_same_pool(probe):
@@ -101,11 +115,9 @@ def test_edge_layers_keep_dense_pages_in_the_same_pool(probe):
     per_block = BLOCK * KV_HEADS * (len(edge) * BF16_SLOT + (LAYERS - len(edge)) * K4V4)
     assert r["blocks"] == BUDGET // per_block  # pages per layer, no padding
     stock = probe(None)
-    # the first chunk reads no packed page, so it is stock's computation: equal bit for bit on this machine,
-    # but one CI run saw it move by bf16 rounding (0.065 at the second token; not reproduced here), so
-    # this bounds it where a wrong page layout or a misrouted layer would not pass
-    first = [abs(a - b) for a, b in zip(stock["logprobs"][: CHUNK - 1], r["logprobs"][: CHUNK - 1])]
-    assert sum(first) / len(first) < 0.1 and max(first) < 1.0
+    # the first chunk reads no packed page: stock's computation, within bf16's floor (see FLOOR_MEAN)
+    mean, most = drift(stock["logprobs"][: CHUNK - 1], r["logprobs"][: CHUNK - 1])
+    assert mean < FLOOR_MEAN and most < FLOOR_MAX
     assert r["calls"]["read"] >= (LAYERS - len(edge)) * 3 * CHUNK  # only packed layers dequantize
 
 
