@@ -110,9 +110,9 @@ def _log8_scales() -> torch.Tensor:
 
 def _stored_scale(d, masked, n, r, levels, cuts, scale: str, scale_format: str) -> torch.Tensor:
     """Each group's stored scale by ``scale`` (the torch reference of :mod:`.scale_search`)."""
-    rms = (masked(d * d).sum(r, keepdim=True) / n).sqrt()
     if scale == "absmax":
         return encode_scale(masked(d.abs()).amax(r, keepdim=True) / levels[-1], scale_format)
+    rms = (masked(d * d).sum(r, keepdim=True) / n).sqrt()
     if scale == "rms":
         return encode_scale(rms, scale_format)
     best_err, s_stored = None, None  # mse: the candidate scale with the smallest squared error of the group

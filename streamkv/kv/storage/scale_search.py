@@ -28,10 +28,16 @@ def _kernel():
 
     f32 = np.float32
 
+    @njit(inline="always")
+    def bucket(u, cuts):  # torch.bucketize(u, cuts): how many cuts lie below u
+        k = 0
+        for c in range(cuts.shape[0]):
+            k += u > cuts[c]
+        return k
+
     @njit(parallel=True)
     def search(d, w, levels, cuts, grid, steps, bias, decoded, codes, stored, dd_out, dc_out):
         groups, size = d.shape
-        ncuts = cuts.shape[0]
         for gi in prange(groups):
             ss, n = f32(0.0), f32(0.0)
             for j in range(size):
@@ -45,21 +51,14 @@ def _kernel():
                 scale = decoded[code]
                 err = f32(0.0)
                 for j in range(size):
-                    u = d[gi, j] / scale
-                    k = 0
-                    for c in range(ncuts):
-                        k += u > cuts[c]
-                    e = d[gi, j] - levels[k] * scale
+                    e = d[gi, j] - levels[bucket(d[gi, j] / scale, cuts)] * scale
                     err += e * e * w[gi, j]
                 if err < best_err:
                     best, best_err = code, err
             scale = decoded[best]
             dd, dc = f32(0.0), f32(0.0)
             for j in range(size):
-                u = d[gi, j] / scale
-                k = 0
-                for c in range(ncuts):
-                    k += u > cuts[c]
+                k = bucket(d[gi, j] / scale, cuts)
                 codes[gi, j] = k
                 dd += d[gi, j] * d[gi, j] * w[gi, j]
                 dc += d[gi, j] * levels[k] * w[gi, j]
