@@ -85,10 +85,15 @@ def _unmasked(view: LayerView, query: torch.Tensor, mask: torch.Tensor | None) -
     if mask is None:
         return True
     ql, n = query.shape[2], view.history - view.first
+    key = (n, ql)  # every layer of a forward gets the same mask (never changed in place): test it once
+    held = mask.__dict__.get("_streamkv_unmasked")
+    if held is not None and held[0] == key:
+        return held[1]
     cols = mask[..., -(n + ql):]  # the held history and the own tokens: the mask's last columns
-    if cols.shape[-1] != n + ql or not bool(cols[..., :n].all()):
-        return False
-    return bool(torch.equal(cols[..., n:], torch.ones(ql, ql, dtype=torch.bool, device=mask.device).tril().expand_as(cols[..., n:])))
+    ok = cols.shape[-1] == n + ql and bool(cols[..., :n].all()) and bool(
+        torch.equal(cols[..., n:], torch.ones(ql, ql, dtype=torch.bool, device=mask.device).tril().expand_as(cols[..., n:])))
+    mask.__dict__["_streamkv_unmasked"] = (key, ok)
+    return ok
 
 
 def _history_then_own(view: LayerView, query: torch.Tensor, scaling: float) -> torch.Tensor:

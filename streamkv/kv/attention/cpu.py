@@ -37,14 +37,14 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 from functools import lru_cache
 
 import numpy as np
 import torch
 
+from ..kernels import compiled_cpu
 from ..kernels.cpu_layout import TILE, word_order
-from ..storage.packed import Quantized
+from ..storage.dequant_kernel import arrays
 from ..transforms.hadamard import hadamard
 from .cpu_plan import Piece, pieces
 from .online_softmax import Partial, merge_all
@@ -55,20 +55,13 @@ CHUNKS = 8  # token chunks per row, so that rows x chunks spread over the cores
 _warned = False
 
 
-@lru_cache(maxsize=None)
-def _missing() -> str:
-    """Why the compiled kernel cannot run here ("" when it can); numba is imported only when it runs."""
-    return "" if importlib.util.find_spec("numba") is not None else "numba is not installed"
-
-
 def available() -> bool:
-    """Whether the compiled kernel can run here (warns once, in one line, when it cannot)."""
+    """Whether the compiled kernel can run here (warns once, in one line, when numba is missing)."""
     global _warned
-    why = _missing()
-    if why and not _warned:
-        log.warning("streamkv: %s; the fused CPU backend uses its slower tensor path", why)
+    if not compiled_cpu() and importlib.util.find_spec("numba") is None and not _warned:
+        log.warning("streamkv: numba is not installed; the fused CPU backend uses its slower tensor path")
         _warned = True
-    return not why and os.environ.get("STREAMKV_NO_KERNELS") != "1"
+    return compiled_cpu()
 
 
 def covers(seg, rows: int) -> bool:
@@ -125,19 +118,6 @@ def _rope_layout(table, start: int, end: int, dim: int, bits: int):
     return layout
 
 
-def _block_arrays(block: Quantized):
-    """``block``'s codes, scales and zeros (float32) and codebook as numpy arrays, made once per block
-    and held by it (a stored block never changes; decoding reads it every step)."""
-    held = block.derived.get("cpu")
-    if held is None:
-        shape = (block.codes.shape[0], block.codes.shape[1], -1)
-        scale = block.scale_values(torch.float32).reshape(shape).numpy()
-        zero = block.zero.reshape(shape).float().numpy() if block.has_zero else np.zeros_like(scale)
-        lut = np.zeros(1, np.float32) if block.lut is None else block.lut.float().numpy()
-        held = block.derived["cpu"] = (block.codes.numpy(), scale, zero, lut, block.unit_tokens, block.group_size)
-    return held
-
-
 _NO_OUTLIERS = (np.zeros(1, np.int64), np.zeros(1, np.int64), np.zeros(1, np.float32))
 
 
@@ -184,7 +164,7 @@ def _read(seg, piece: Piece, t0: int, t1: int, q, q_rot, mask, view, ql: int, to
                         values.axis == "channel", seg.key_hadamard, rope)
     chunks = max(1, min(CHUNKS, (b - a) // (2 * TILE)))  # a short segment (sinks) is one job per row
     kernel(
-        qk, word_order(kbits, d), q, word_order(vbits, d), *_block_arrays(keys), *_block_arrays(values),
+        qk, word_order(kbits, d), q, word_order(vbits, d), *arrays(keys), *arrays(values),
         *rope_args, *_outlier_arrays(seg.key_outliers, rows), *_outlier_arrays(seg.value_outliers, rows),
         cols, has_mask, view.heads, ql, seg.skip, a, b, chunks, piece.rows, piece.krow, piece.vrow, piece.off,
         piece.koff, piece.voff, top, l, stored, plain,

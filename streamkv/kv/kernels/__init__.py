@@ -1,1 +1,20 @@
-"""Kernels the attention backends call: packed-code readers for the CPU (numba) and the GPU (Triton)."""
+"""Kernels the attention backends and the storage call: packed-code readers and encoders for the CPU
+(numba) and the GPU (Triton). Each is imported only where it runs; :func:`compiled_cpu` says whether the
+CPU ones can."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from functools import lru_cache
+
+
+@lru_cache(maxsize=1)
+def _numba() -> bool:
+    return importlib.util.find_spec("numba") is not None
+
+
+def compiled_cpu() -> bool:
+    """Whether the compiled CPU kernels run here: numba is installed and ``STREAMKV_NO_KERNELS=1`` does
+    not switch them off (every caller then takes its torch path: the same numbers, slower)."""
+    return _numba() and os.environ.get("STREAMKV_NO_KERNELS") != "1"

@@ -12,11 +12,13 @@ and a reader's view of part of a group.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, is_dataclass, replace
+from functools import cached_property
 from math import lcm
 from typing import Any, Callable
 
 import torch
 
+from . import dequant_kernel
 from .rotated import Rotated
 
 
@@ -74,7 +76,8 @@ def slice_block(block: Any, start: int, stop: int) -> Any:
 
 
 class _Parts:
-    """What a block made of ``parts`` answers from them."""
+    """What a block made of ``parts`` answers from them (held once asked: a stored block never changes,
+    and readers ask on every decoding step)."""
 
     parts: list
 
@@ -82,7 +85,7 @@ class _Parts:
     def device(self) -> torch.device:
         return self.parts[0].device
 
-    @property
+    @cached_property
     def unit_tokens(self) -> int:
         return lcm(*(p.unit_tokens for p in self.parts))
 
@@ -98,7 +101,7 @@ class Segments(_Parts):
     parts: list = field(default_factory=list)
     derived: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # readers' plans of it
 
-    @property
+    @cached_property
     def tokens(self) -> int:
         return sum(p.tokens for p in self.parts)
 
@@ -160,7 +163,7 @@ class RowSplit(_Parts):
     dim: int
     derived: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # readers' plans of it
 
-    @property
+    @cached_property
     def tokens(self) -> int:
         return self.parts[0].tokens
 
@@ -191,7 +194,10 @@ class RowSplit(_Parts):
         if out is None:
             out = torch.empty(self.widths.numel(), self.tokens, self.dim, dtype=dtype, device=self.device)
         for rows, p in zip(self.rows(), self.parts):
-            out.index_copy_(0, rows.to(out.device), p.dequantize(dtype))
+            if dequant_kernel.serves(p, out):  # straight into its rows
+                dequant_kernel.dequantize_into(p, out, rows)
+            else:
+                out.index_copy_(0, rows.to(out.device), p.dequantize(dtype))
         return out
 
 

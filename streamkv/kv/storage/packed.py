@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from . import dequant_kernel
 from .composite import Segments
 from .packing import pack, unpack
 from .raw import Raw
@@ -123,6 +124,10 @@ class Quantized:
         """The values as ``(rows, tokens, dim)`` of ``dtype``; written into ``out`` (that shape, e.g. a
         slice of a larger buffer) when given, to save the copy."""
         rows, units, _ = self.codes.shape
+        if dtype == torch.float32 and dequant_kernel.serves(self, out):
+            out = torch.empty(rows, self.tokens, self.dim) if out is None else out
+            dequant_kernel.dequantize_into(self, out)
+            return out
         a, b = (self.group_size, self.dim) if self.axis == "channel" else (self.dim // self.group_size, self.group_size)
         codes = unpack(self.codes, self.bits, a * b)
         lut = self.lut

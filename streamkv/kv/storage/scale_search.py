@@ -11,15 +11,16 @@ then writes the codes and the two sums the ``projection`` reconstruction needs. 
 
 from __future__ import annotations
 
-import importlib.util
 from functools import lru_cache
 
 import numpy as np
 import torch
 
+from ..kernels import compiled_cpu
+
 
 def available() -> bool:
-    return importlib.util.find_spec("numba") is not None
+    return compiled_cpu()
 
 
 @lru_cache(maxsize=1)
@@ -29,42 +30,56 @@ def _kernel():
     f32 = np.float32
 
     @njit(inline="always")
-    def bucket(u, cuts):  # torch.bucketize(u, cuts): how many cuts lie below u
-        k = 0
-        for c in range(cuts.shape[0]):
-            k += u > cuts[c]
-        return k
+    def bucket(u, cuts, k):  # k[j] = torch.bucketize(u[j], cuts): how many cuts lie below u[j]
+        k[:] = 0
+        for c in range(cuts.shape[0]):  # cuts outside: the inner loop over the group vectorises
+            cut = cuts[c]
+            for j in range(u.shape[0]):
+                k[j] += u[j] > cut
 
     @njit(parallel=True)
     def search(d, w, levels, cuts, grid, steps, bias, decoded, codes, stored, dd_out, dc_out):
         groups, size = d.shape
-        for gi in prange(groups):
-            ss, n = f32(0.0), f32(0.0)
-            for j in range(size):
-                ss += d[gi, j] * d[gi, j] * w[gi, j]
-                n += w[gi, j]
-            rms = np.sqrt(ss / max(n, f32(1.0)))
-            best, best_err = 0, f32(np.inf)
-            for m in range(grid.shape[0]):
-                s = max(rms * grid[m], f32(2.0**-30))
-                code = int(min(max(np.rint(np.log2(s) * steps) + bias, 0.0), 255.0))
-                scale = decoded[code]
-                err = f32(0.0)
+        per = 64  # groups per job: the scratch is made once per job
+        for job in prange((groups + per - 1) // per):
+            u, k, best_k = np.empty(size, f32), np.empty(size, np.int32), np.empty(size, np.int32)
+            for gi in range(job * per, min(groups, (job + 1) * per)):
+                x, wi = d[gi], w[gi]
+                ss, n = f32(0.0), f32(0.0)
                 for j in range(size):
-                    e = d[gi, j] - levels[bucket(d[gi, j] / scale, cuts)] * scale
-                    err += e * e * w[gi, j]
-                if err < best_err:
-                    best, best_err = code, err
-            scale = decoded[best]
-            dd, dc = f32(0.0), f32(0.0)
-            for j in range(size):
-                k = bucket(d[gi, j] / scale, cuts)
-                codes[gi, j] = k
-                dd += d[gi, j] * d[gi, j] * w[gi, j]
-                dc += d[gi, j] * levels[k] * w[gi, j]
-            stored[gi] = best
-            dd_out[gi] = dd
-            dc_out[gi] = dc
+                    ss += x[j] * x[j] * wi[j]
+                    n += wi[j]
+                rms = np.sqrt(ss / max(n, f32(1.0)))
+                best, best_err, last = 0, f32(np.inf), -1
+                for m in range(grid.shape[0]):
+                    s = max(rms * grid[m], f32(2.0**-30))
+                    code = int(min(max(np.rint(np.log2(s) * steps) + bias, 0.0), 255.0))
+                    if code == last:  # the same stored scale as the candidate before: the same error
+                        continue
+                    last = code
+                    scale = decoded[code]
+                    for j in range(size):
+                        u[j] = x[j] / scale
+                    bucket(u, cuts, k)
+                    err = f32(0.0)
+                    for j in range(size):
+                        e = x[j] - levels[k[j]] * scale
+                        err += e * e * wi[j]
+                    if err < best_err:
+                        best, best_err = code, err
+                        best_k[:] = k
+                if best_err == np.inf:  # no finite error (not finite input): the reference's first code
+                    for j in range(size):
+                        u[j] = x[j] / decoded[0]
+                    bucket(u, cuts, best_k)
+                dd, dc = f32(0.0), f32(0.0)
+                for j in range(size):
+                    codes[gi, j] = best_k[j]
+                    dd += x[j] * x[j] * wi[j]
+                    dc += x[j] * levels[best_k[j]] * wi[j]
+                stored[gi] = best
+                dd_out[gi] = dd
+                dc_out[gi] = dc
 
     return search
 
