@@ -143,31 +143,50 @@ def _columns(view, mask: torch.Tensor | None, position: int, n: int) -> tuple[np
     return m.contiguous().numpy(), True
 
 
+def _version(sparse) -> int:
+    return -1 if sparse is None else sparse.version
+
+
+def _launch(seg, piece: Piece, d: int, rows: int):
+    """The kernel of ``piece`` and the arguments of its call that stay fixed while the segment's
+    blocks are stored (word orders, block arrays, RoPE layout, outliers): made once per position of
+    the segment and version of its outliers and held by the piece, since every decoding step reads
+    every piece."""
+    key = (seg.start, seg.tokens, seg.skip, seg.key_rope is not None, seg.key_hadamard,
+           _version(seg.key_outliers), _version(seg.value_outliers), d, rows)
+    held = piece.launch.get("cpu")
+    if held is not None and held[0] == key:
+        return held[1]
+    keys, values = piece.keys, piece.values
+    rope = seg.key_rope is not None
+    if rope:  # the base of every tile up to the segment's last (the table reaches a tile past it)
+        rope_args = _rope_layout(seg.key_rope, seg.start, seg.start + seg.tokens, d, keys.bits)
+    else:
+        rope_args = _NO_ROPE
+    from ..kernels.cpu_attend import kernel_for  # numba: imported where the kernel runs
+
+    kernel = kernel_for(keys.bits, keys.lut is not None, keys.axis == "channel", values.bits, values.lut is not None,
+                        values.axis == "channel", seg.key_hadamard, rope)
+    fixed = (word_order(keys.bits, d), word_order(values.bits, d),
+             (*arrays(keys), *arrays(values), *rope_args, *_outlier_arrays(seg.key_outliers, rows),
+              *_outlier_arrays(seg.value_outliers, rows)))
+    piece.launch["cpu"] = (key, (kernel, fixed))
+    return kernel, fixed
+
+
 def _read(seg, piece: Piece, t0: int, t1: int, q, q_rot, mask, view, ql: int, top, l, stored, plain) -> None:
     """Run the kernel on ``piece`` of ``seg`` for the segment's tokens ``[t0, t1)``: the softmax
     statistics of its rows into ``top``, ``l`` (rows, nq, 1) and their value sums into ``stored`` (the
     stored domain) and ``plain`` (outliers)."""
-    keys, values = piece.keys, piece.values
     rows, nq, d = q.shape
-    rope = seg.key_rope is not None
-    kbits, vbits = keys.bits, values.bits
-    qk = q_rot if (seg.key_hadamard and not rope) else q
-    if rope:  # the base of every tile up to the segment's last (the table reaches a tile past it)
-        rope_args = _rope_layout(seg.key_rope, seg.start, seg.start + seg.tokens, d, kbits)
-    else:
-        rope_args = _NO_ROPE
+    kernel, (korder, vorder, blocks) = _launch(seg, piece, d, rows)
+    qk = q_rot if (seg.key_hadamard and seg.key_rope is None) else q
     a, b = max(t0, piece.off) - piece.off, min(t1, piece.off + piece.tokens) - piece.off  # in the piece's tokens
     cols, has_mask = _columns(view, mask, seg.start, piece.off + b)
-    from ..kernels.cpu_attend import kernel_for  # numba: imported where the kernel runs
-
-    kernel = kernel_for(kbits, keys.lut is not None, keys.axis == "channel", vbits, values.lut is not None,
-                        values.axis == "channel", seg.key_hadamard, rope)
     chunks = max(1, min(CHUNKS, (b - a) // (2 * TILE)))  # a short segment (sinks) is one job per row
     kernel(
-        qk, word_order(kbits, d), q, word_order(vbits, d), *arrays(keys), *arrays(values),
-        *rope_args, *_outlier_arrays(seg.key_outliers, rows), *_outlier_arrays(seg.value_outliers, rows),
-        cols, has_mask, view.heads, ql, seg.skip, a, b, chunks, piece.rows, piece.krow, piece.vrow, piece.off,
-        piece.koff, piece.voff, top, l, stored, plain,
+        qk, korder, q, vorder, *blocks, cols, has_mask, view.heads, ql, seg.skip, a, b, chunks, piece.rows,
+        piece.krow, piece.vrow, piece.off, piece.koff, piece.voff, top, l, stored, plain,
     )
 
 

@@ -47,6 +47,25 @@ def tile_loader(BITS, LUT, CHANNEL, TOKEN_MAJOR):
                         c = np.int32((src[tt] >> (kk * BITS)) & MASK)
                         row[tt] = (lut[c] if LUT else f32(c)) * s + z
             return  # unpacked and dequantized
+        if not TOKEN_MAJOR and CHANNEL and BITS == 3 and unit % TILE == 0 and n == TILE:
+            # the same for three-bit codes: each token's 24-bit words (eight codes in three bytes,
+            # code kk at bit 3 * kk) gathered along the tile's tokens, then unpacked code by code
+            u = a0 // unit
+            cu = codes[r, u]
+            o = (a0 - u * unit) * words * 3
+            for tt in range(TILE):
+                for i in range(words):
+                    b = o + (tt * words + i) * 3
+                    tw[i, tt] = np.uint32(cu[b]) | (np.uint32(cu[b + 1]) << 8) | (np.uint32(cu[b + 2]) << 16)
+            for i in range(words):
+                src = tw[i]
+                for k in range(PER):
+                    row = out[k * words + i]
+                    s, z = scale[r, u, i * PER + k] * extra, zero[r, u, i * PER + k] * extra
+                    for tt in range(TILE):
+                        c = np.int32((src[tt] >> (3 * k)) & 7)
+                        row[tt] = (lut[c] if LUT else f32(c)) * s + z
+            return  # unpacked and dequantized
         if TOKEN_MAJOR and not CHANNEL and BITS != 3 and scale.shape[2] == 1:
             # one group per token (the default values): each token's bytes unpack straight into its
             # dequantized row

@@ -37,6 +37,11 @@ class SparseOutliers:
         return self.low.numel()
 
     @property
+    def version(self) -> int:
+        """Bumped by every change: what a reader derived at one version holds until the next."""
+        return self._version
+
+    @property
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.tensors())
 
