@@ -35,14 +35,13 @@ same numbers, slower; :func:`available` says so once.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 from functools import lru_cache
 
 import numpy as np
 import torch
 
-from ..kernels import compiled_cpu
+from ..kernels import compiled_cpu, numba_installed
 from ..kernels.cpu_layout import TILE, word_order
 from ..storage.dequant_kernel import arrays
 from ..transforms.hadamard import hadamard
@@ -58,7 +57,7 @@ _warned = False
 def available() -> bool:
     """Whether the compiled kernel can run here (warns once, in one line, when numba is missing)."""
     global _warned
-    if not compiled_cpu() and importlib.util.find_spec("numba") is None and not _warned:
+    if not numba_installed() and not _warned:
         log.warning("streamkv: numba is not installed; the fused CPU backend uses its slower tensor path")
         _warned = True
     return compiled_cpu()

@@ -10,11 +10,11 @@ from functools import lru_cache
 
 
 @lru_cache(maxsize=1)
-def _numba() -> bool:
+def numba_installed() -> bool:
     return importlib.util.find_spec("numba") is not None
 
 
 def compiled_cpu() -> bool:
     """Whether the compiled CPU kernels run here: numba is installed and ``STREAMKV_NO_KERNELS=1`` does
     not switch them off (every caller then takes its torch path: the same numbers, slower)."""
-    return _numba() and os.environ.get("STREAMKV_NO_KERNELS") != "1"
+    return numba_installed() and os.environ.get("STREAMKV_NO_KERNELS") != "1"

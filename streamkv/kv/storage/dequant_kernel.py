@@ -45,7 +45,8 @@ def serves(block, out: torch.Tensor | None = None) -> bool:
     part of a composite) on the CPU, codes of width 2, 3, 4 or 8, each token's codes on a whole byte."""
     codes = getattr(block, "codes", None)
     return (
-        isinstance(codes, torch.Tensor) and getattr(block, "axis", None) in ("channel", "token") and codes.device.type == "cpu" and block.bits in (2, 3, 4, 8) and block.dim % 8 == 0 and available()
+        isinstance(codes, torch.Tensor) and getattr(block, "axis", None) in ("channel", "token")
+        and codes.device.type == "cpu" and block.bits in (2, 3, 4, 8) and block.dim % 8 == 0 and available()
         and (out is None or (out.device.type == "cpu" and out.dtype == torch.float32))
     )
 
