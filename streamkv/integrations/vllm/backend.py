@@ -5,7 +5,7 @@ It is vLLM's ``CPU_ATTN`` backend with three changes:
 * ``customize_spec`` declares a uint8 page of ``slot_bytes`` per (token, KV head), so vLLM sizes its
   pages and its KV budget by the packed bytes (that is where the capacity gain comes from);
 * ``do_kv_cache_update`` quantizes every token it is given (each prefill chunk, each decoded token)
-  into its slot, so nothing in the cache is kept at full precision;
+  into its slot (one compiled pass, ``kernel.store``), so nothing in the cache is kept at full precision;
 * ``forward`` reads the packed history two ways, by sequence (``plan.py`` splits the step):
 
   - a sequence whose query is one token (a decode) attends straight from its packed slots in one
@@ -38,7 +38,7 @@ from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentio
 from vllm.v1.kv_cache_interface import AttentionSpec, KVQuantMode
 
 from .codec import ConfigError, SlotCodec, layout
-from .kernel import decode, read_pages
+from .kernel import decode, read_pages, store
 from .plan import Dense, StepPlan
 from .presets import ENV, Preset, from_env
 
@@ -122,12 +122,14 @@ class StreamKVAttentionImpl(CPUAttentionBackendImpl):
             return super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
         n = slot_mapping.shape[0]
         keep = slot_mapping >= 0
-        slots = slot_mapping[keep]
+        slots, key, value = slot_mapping, key[:n], value[:n]
+        if not bool(keep.all()):  # padded entries (-1) store nothing
+            slots, key, value = slots[keep], key[keep], value[keep]
         if slots.numel() == 0:
             return
-        packed = self.codec.encode(key[:n][keep], value[:n][keep])  # (tokens, heads, slot_bytes)
-        block_size = kv_cache.shape[2]
-        kv_cache[slots // block_size, :, slots % block_size] = packed
+        if not store(self.codec, key, value, kv_cache, slots):  # without numba: torch ops
+            block_size = kv_cache.shape[2]
+            kv_cache[slots // block_size, :, slots % block_size] = self.codec.encode(key, value)
         StreamKVAttentionImpl.calls["update"] += 1
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
@@ -148,12 +150,9 @@ class StreamKVAttentionImpl(CPUAttentionBackendImpl):
 
     def _decode(self, plan: StepPlan, query, key, value, kv_cache, output) -> bool:
         """One-token queries straight from the packed slots (``numba_decode.py``); False without numba."""
-        dec, c = plan.decode, self.codec
-        q, k, v = (c.rotate(x[dec.rows]) for x in (query, key, value))  # float32: nothing rounds to bf16
-        out = decode(c, kv_cache, dec.table, dec.past, q, k, v, self.scale)
-        if out is None:
+        dec = plan.decode
+        if not decode(self.codec, kv_cache, dec.table, dec.past, dec.rows, query, key, value, output, self.scale):
             return False
-        output[dec.rows] = c.unrotate(out, output.dtype).view(len(dec.rows), *output.shape[1:])
         StreamKVAttentionImpl.calls["fused_decode"] += 1
         StreamKVAttentionImpl.calls["read"] += dec.history
         return True

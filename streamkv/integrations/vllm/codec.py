@@ -21,11 +21,12 @@ from functools import cached_property
 import torch
 
 from streamkv.kv.errors import ConfigError
-from streamkv.kv.storage.packed import quantize
+from streamkv.kv.storage.packed import MIN_SCALE, quantize
 from streamkv.kv.storage.packing import packed_size, unpack
 from streamkv.kv.transforms.hadamard import hadamard
 
 BITS = (2, 3, 4, 8)
+__all__ = ["BITS", "MIN_SCALE", "ConfigError", "SlotCodec", "layout"]
 
 
 @dataclass(frozen=True)

@@ -1,17 +1,22 @@
 """The backend's compiled hot loops (numba), launched from here; the kernels live in their own modules.
 
+* The store (``numba_encode.py``, :func:`store`): a step's new keys and values rotated, quantized,
+  packed and written into their slots in one pass. Why: as torch ops that is a rotation, a min/max, a
+  division, a round, a pack and a scatter per layer and step, each with its own overhead.
 * The read (``numba_read.py``, :func:`read_pages`): packed pages to bf16 rows in vLLM's page layout in
   a single pass. Why: as torch ops that is a gather, a transpose, an unpack, a scale/shift and a cast,
   each a full pass over the history, and it cost 20x vLLM's attention itself; fused it is one read of
   the packed bytes and one write of bf16 (still in the Hadamard-rotated domain, see ``codec.py``).
 * The decode (``numba_decode.py``, :func:`decode`): a sequence whose query is one token attends
-  straight from its packed slots, with no bf16 history at all (float32 math; see that module).
+  straight from its packed slots, with no bf16 history at all (float32 math; see that module); it
+  takes vLLM's rows as they are and writes the output rows in place, rotations included.
 
-Both are imported on first use, after vLLM's workers have started: vLLM 0.32's CPU worker scans every
+All are imported on first use, after vLLM's workers have started: vLLM 0.32's CPU worker scans every
 loaded module at start and dies on llvmlite's library object, whose ``__getattr__`` answers dunder
 names; :func:`_guard_llvmlite` makes those raise, so a second engine in the same process starts too.
-Each compiles once per machine and layout (~15-60 s; numba's on-disk cache). Without numba the rows
-come from torch ops (``codec.dequantize_into``) and one-token queries take the read path too.
+Each compiles once per machine and layout (~15-60 s; numba's on-disk cache). Without numba the slots
+are written and read by torch ops (``codec.encode``, ``codec.dequantize_into``) and one-token queries
+take the read path too.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from importlib import import_module
 
 import numpy as np
 import torch
+
+from .codec import MIN_SCALE
 
 _NUMBA: dict = {}  # module name -> the compiled module, or None when numba is not installed
 
@@ -57,10 +64,16 @@ def kernel(codec):
     return m and m.reader(codec.head_dim, codec.key_group, codec.value_group)
 
 
-def decoder(codec):
-    """The compiled decode attention for ``codec``'s slot layout, or None where numba is not installed."""
+def encoder():
+    """The compiled store (every layout), or None where numba is not installed."""
+    m = _compiled("numba_encode")
+    return m and m.store
+
+
+def decoder():
+    """The compiled decode attention (every layout), or None where numba is not installed."""
     m = _compiled("numba_decode")
-    return m and m.decoder(codec.head_dim, codec.key_group, codec.value_group)
+    return m and m.decode
 
 
 @cache
@@ -101,18 +114,72 @@ def read_pages(codec, kv_cache: torch.Tensor, pages: torch.Tensor, out: torch.Te
     return True
 
 
-def decode(codec, kv_cache: torch.Tensor, table: torch.Tensor, past: torch.Tensor, q: torch.Tensor,
-           k_own: torch.Tensor, v_own: torch.Tensor, scale: float) -> torch.Tensor | None:
-    """Attention of one-token queries over their packed history and their own key and value, all in the
-    rotated domain: ``q`` (float32 ``(seqs, heads, head_dim)``, rotated), ``k_own``/``v_own`` (float32
-    ``(seqs, kv_heads, head_dim)``, rotated), ``table`` (int32 page ids per sequence), ``past`` (int64
-    stored tokens per sequence, read from ``kv_cache``'s packed slots). The rotated output (float32, the
-    shape of ``q``), or None where numba is missing."""
-    f = decoder(codec)
-    if f is None:
-        return None
-    c, out = codec, torch.empty_like(q)
-    f(kv_cache.numpy(), table.numpy(), past.numpy(), q.numpy(), k_own.numpy(), v_own.numpy(), out.numpy(),
-      float(scale), c.key_bits, c.key_group, c.code_bytes(c.key_bits), c.value_bits, c.value_group,
-      c.code_bytes(c.value_bits), c.key_bytes)
-    return out
+def lanes(bits: int, dim: int) -> np.ndarray:
+    """The channel in each lane of ``numba_decode``'s unpacking of ``bits``-bit codes: lane ``kk * words
+    + w`` holds code ``kk`` of 32-bit word ``w``, channel ``w * per + kk`` (3 bits: natural order)."""
+    per = 32 // bits if bits != 3 else 1
+    lane = np.arange(dim)
+    return (lane % (dim // per)) * per + lane // (dim // per)
+
+
+@cache
+def rotations(codec) -> tuple[np.ndarray, np.ndarray]:
+    """``Hk`` (the Hadamard matrix, columns in the keys' lanes) and ``Hvᵀ`` (rows in the values' lanes),
+    float32: the decode rotates queries into the keys' lanes and its output back from the values'."""
+    h = codec.h.numpy()
+    hk = np.ascontiguousarray(h[:, lanes(codec.key_bits, codec.head_dim)])
+    hvt = np.ascontiguousarray(h[:, lanes(codec.value_bits, codec.head_dim)].T)
+    return hk, hvt
+
+
+def _rows(x: torch.Tensor, heads: int) -> np.ndarray | None:
+    """``x`` as ``(tokens, heads, head_dim)`` numpy (bf16 as its uint16 bits), or None for other dtypes."""
+    x = x.view(x.shape[0], heads, -1)
+    if x.dtype == torch.bfloat16:
+        return x.view(torch.int16).numpy().view(np.uint16)
+    return x.numpy() if x.dtype == torch.float32 else None
+
+
+def _bytes(pages: torch.Tensor) -> np.ndarray:
+    """The bytes ``pages`` spans as one flat array (the kernels index it by ``pages``' strides)."""
+    span = sum((n - 1) * st for n, st in zip(pages.shape, pages.stride())) + 1
+    return pages.as_strided((span,), (1,)).numpy()
+
+
+def _words(pages: torch.Tensor) -> np.ndarray:
+    """:func:`_bytes` as 32-bit words (strides over 4): contiguous words let the unpacking vectorize."""
+    return _bytes(pages).view(np.uint32)
+
+
+def store(codec, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slots: torch.Tensor) -> bool:
+    """Rotate, quantize and pack ``key``/``value`` (``(tokens, kv_heads, head_dim)``, bf16 or float32, as
+    vLLM hands them) straight into the slots ``slots`` (int64, none negative) of ``kv_cache``; False
+    (nothing written) where numba is missing or the dtype is neither."""
+    f, c, heads = encoder(), codec, kv_cache.shape[1]
+    k, v = _rows(key, heads), _rows(value, heads)
+    if f is None or k is None or v is None or key.dtype != value.dtype:
+        return False
+    f(_bytes(kv_cache), np.array([*kv_cache.stride()[:3], kv_cache.shape[2]]), slots.numpy(), k, v,
+      c.h.numpy(), c.key_bits, c.key_group, c.value_bits, c.value_group, c.key_bytes, MIN_SCALE)
+    return True
+
+
+def decode(codec, kv_cache: torch.Tensor, table: torch.Tensor, past: torch.Tensor, rows: torch.Tensor,
+           query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, output: torch.Tensor, scale: float) -> bool:
+    """Attention of the one-token queries at step rows ``rows`` (int64) over their packed history and their
+    own key and value, written into ``output`` at those rows: ``query``/``output`` ``(tokens, heads *
+    head_dim)`` or ``(tokens, heads, head_dim)`` and ``key``/``value`` ``(tokens, kv_heads, head_dim)`` as
+    vLLM hands them (un-rotated), ``table`` (int32 page ids per sequence), ``past`` (int64 stored tokens
+    per sequence, read from ``kv_cache``'s packed slots). False (nothing written) where numba is missing
+    or the dtype is not bf16 or float32."""
+    f, c = decoder(), codec
+    heads = query[0].numel() // c.head_dim
+    arrays = [_rows(x, n) for x, n in ((query, heads), (key, kv_cache.shape[1]), (value, kv_cache.shape[1]),
+                                       (output, heads))]
+    if f is None or any(a is None for a in arrays) or len({x.dtype for x in (query, key, value, output)}) > 1:
+        return False
+    hk, hvt = rotations(c)
+    f(_words(kv_cache), np.array([*(x // 4 for x in kv_cache.stride()[:3]), kv_cache.shape[2], c.slot_bytes // 4]),
+      table.numpy(), past.numpy(), rows.numpy(), *arrays, hk, hvt, float(scale), c.key_bits, c.key_group, c.value_bits,
+      c.value_group, c.key_bytes // 4)
+    return True

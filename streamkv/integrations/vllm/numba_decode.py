@@ -3,137 +3,188 @@ import time: vLLM 0.32's CPU worker dies at start if numba is loaded; see ``kern
 
 Why: a decode step's query is one token, so writing the whole history out as bf16 pages for vLLM's
 kernel (the read path) costs far more than the attention itself. Here one job per (sequence, KV head)
-reads its packed slots once, page by page, for all the GQA query heads of that KV head:
+takes the step's own rows as vLLM hands them (bf16 bits or float32) and reads its packed slots a page
+at a time, for all the GQA query heads of that KV head:
 
-* scores straight from the key codes: ``q·k = Σ_g scale_g (q_g·codes_g) + zero_g Σ q_g``;
-* a softmax that is online across pages and exact within one (float32 throughout);
-* values as ``Σ_t p_t scale_t codes_t`` plus ``Σ_t p_t zero_t`` per group, never dequantized;
-* the step's own key and value last, at full precision (the chunked-prefill rule).
+* the queries are rotated into the slots' Hadamard domain in the job (``q Hk``, scaled), and the
+  output rotated back at its end (``Hvᵀ``): no torch op runs around the kernel;
+* codes are unpacked by 32-bit word: lane ``kk * words + w`` holds code ``kk`` of word ``w``;
+  ``Hk``/``Hv`` are the Hadamard matrix with its columns in that lane order, so nothing is
+  re-interleaved;
+* a page's slots are gathered word by word into a (words x tokens) block, so every later loop runs
+  along the page's tokens; its keys are dequantized into a float32 (lanes x tokens) tile and scored
+  against each query head, its softmax is online across pages and exact within one (float32
+  throughout, a polynomial ``exp``), its values are dequantized into the same tile and accumulated;
+* the step's own key and value last, at full precision (the chunked-prefill rule), un-rotated: the
+  rotation is orthonormal, so ``q·k`` and ``p v`` need none.
 
-Everything stays in the Hadamard-rotated domain: the host rotates the query and un-rotates the output.
-Every function is top-level (numba's on-disk cache); ``decode_<dim>_<kg>_<vg>`` are the presets'
-layouts with their sizes as constants (short loops unroll, as in ``numba_read.py``), ``decode_any``
-takes any layout.
+fp16 scales and zeros are widened without branches (bits shifted into a float32, times 2**112).
+Every function is top-level (numba's on-disk cache). One entry serves every layout: with the loops
+running along tokens, the presets' sizes as constants (as ``numba_read.py`` has them) measured no faster.
 """
 
 import numba
 import numpy as np
 
-from .numba_read import codes_of, half
+from .numba_formats import narrow, widen
 
-jit = numba.njit(inline="always", cache=True)
-
-
-@jit
-def meta(slot, off, scales, zeros):  # the fp16 (scale, zero) of each group, from byte ``off``
-    for gi in range(scales.shape[0]):
-        m = off + 4 * gi
-        scales[gi], zeros[gi] = half(slot[m], slot[m + 1]), half(slot[m + 2], slot[m + 3])
+jit = numba.njit(inline="always", cache=True, fastmath=True)
+MAGIC = np.float32(2.0**112)  # fp16 exponent bias 15 -> float32's 127
+LOW = np.float32(-3.0e38)  # the running max before any score (finite: fastmath assumes no infinities)
 
 
 @jit
-def job(cache, table, past, q, k_own, v_own, out, scale, j, kbits, kgroup, kcodes, vbits, vgroup, vcodes, kbytes,
-        dim):
-    """Sequence ``j // heads``, KV head ``j % heads``: ``out[s, its query heads]``, rotated."""
-    heads, block = cache.shape[1], cache.shape[2]
-    s, h, scale = j // heads, j % heads, np.float32(scale)
-    g = q.shape[1] // heads  # query heads per KV head
-    nkg, nvg = dim // kgroup, dim // vgroup
-    qs = q[s, h * g:(h + 1) * g]  # (g, dim)
-    qsum = np.zeros((g, nkg), np.float32)  # Σ q over each key group: the zeros' weights
-    for a in range(g):
+def meta(tw, at, ng, nt, gs, gz):  # the fp16 (scale, zero) of ng groups (one 32-bit word each) from row tw[at]
+    sb, zb = gs.view(np.uint32), gz.view(np.uint32)
+    for gi in range(ng):
+        for t in range(nt):  # little-endian: scale in the low half, zero in the high half
+            w = tw[at + gi, t]
+            sb[gi, t] = ((w & np.uint32(0x7FFF)) << np.uint32(13)) | ((w & np.uint32(0x8000)) << np.uint32(16))
+            zb[gi, t] = ((w >> np.uint32(3)) & np.uint32(0x7FFF << 13)) | (w & np.uint32(0x80000000))
+        for t in range(nt):
+            gs[gi, t] *= MAGIC
+            gz[gi, t] *= MAGIC
+
+
+@jit
+def dequant(tw, at, bits, group, nt, gs, gz, tile):
+    """A page's keys (or values) of one head, whose 32-bit words are rows ``tw[at:]`` (one column per
+    token), into ``tile`` (lanes x tokens). Lane ``kk * words + w`` holds code ``kk`` of word ``w``, i.e.
+    channel ``w * per + kk``; a word's codes are all in one group. Every inner loop runs over tokens;
+    each width is its own branch, so its shifts and masks are constants."""
+    if bits == 4:
+        dequant_width(tw, at, 4, group, nt, gs, gz, tile)
+    elif bits == 8:
+        dequant_width(tw, at, 8, group, nt, gs, gz, tile)
+    elif bits == 2:
+        dequant_width(tw, at, 2, group, nt, gs, gz, tile)
+    else:
+        dequant_width(tw, at, 3, group, nt, gs, gz, tile)
+
+
+@jit
+def dequant_width(tw, at, bits, group, nt, gs, gz, tile):
+    dim = tile.shape[0]
+    if bits == 3:  # codes cross words: natural order, bit 3i of the stream
+        meta(tw, at + 3 * dim // 32, dim // group, nt, gs, gz)
         for i in range(dim):
-            qsum[a, i // kgroup] += qs[a, i]
-    codes = np.empty(dim, np.float32)
-    ks, kz = np.empty(nkg, np.float32), np.empty(nkg, np.float32)  # key scales and zeros of one token
-    vs, vz = np.empty(nvg, np.float32), np.empty(nvg, np.float32)
-    p = np.empty((g, block), np.float32)  # one page's scores, then its weights
-    acc = np.zeros((g, dim), np.float32)  # Σ p scale codes
-    zacc = np.zeros((g, nvg), np.float32)  # Σ p zero
-    top = np.full(g, -np.inf, np.float32)  # running max
+            wi, o = at + ((3 * i) >> 5), np.uint32((3 * i) & 31)
+            gi = i // group
+            for t in range(nt):
+                x = tw[wi, t] >> o
+                if o > 29:
+                    x |= tw[wi + 1, t] << (np.uint32(32) - o)
+                tile[i, t] = np.float32(np.int32(x & np.uint32(7))) * gs[gi, t] + gz[gi, t]
+        return
+    per, mask = 32 // bits, np.uint32((1 << bits) - 1)
+    words = dim // per
+    meta(tw, at + words, dim // group, nt, gs, gz)
+    for w in range(words):
+        gi = w // (group // per)
+        for kk in range(per):
+            sh, lane = np.uint32(kk * bits), kk * words + w
+            for t in range(nt):
+                tile[lane, t] = np.float32(np.int32((tw[at + w, t] >> sh) & mask)) * gs[gi, t] + gz[gi, t]
+
+
+@jit
+def exp_into(x, m, n):
+    """``x[:n] = exp(x[:n] - m)`` (every ``x - m <= 0``) and their sum: ``2**round(y) · 2**f`` with a
+    degree-6 polynomial for ``2**f = e**(f ln 2)`` (|f| <= 1/2, relative error < 2e-7) and the power of
+    two added to the exponent bits, so the loop vectorizes (a libm ``exp`` per score does not)."""
+    bits = x.view(np.int32)
+    for t in range(n):
+        y = max((x[t] - m) * np.float32(1.4426950408889634), np.float32(-125.0))
+        k = np.floor(y + np.float32(0.5))
+        f = (y - k) * np.float32(0.6931471805599453)  # 2**(y - k) = e**f
+        x[t] = np.float32(1.0) + f * (np.float32(1.0) + f * (np.float32(1 / 2) + f * (np.float32(1 / 6) + f * (
+            np.float32(1 / 24) + f * (np.float32(1 / 120) + f * np.float32(1 / 720))))))
+        bits[t] += np.int32(k) << 23
+    total = np.float32(0)
+    for t in range(n):
+        total += x[t]
+    return total
+
+
+@jit
+def job(cache, strides, table, past, rows, q, k_own, v_own, out, hk, hvt, scale, j, kbits, kgroup, vbits, vgroup,
+        kwords, dim):
+    """Sequence ``j // heads`` (step row ``rows[s]``), KV head ``j % heads``: its query heads' output."""
+    heads, block, sw = k_own.shape[1], strides[3], strides[4]
+    s, h = j // heads, j % heads
+    r, g = rows[s], q.shape[1] // heads
+    x, own_k, own_v = np.empty(dim, np.float32), np.empty(dim, np.float32), np.empty(dim, np.float32)
+    widen(k_own[r, h], own_k)
+    widen(v_own[r, h], own_v)
+    qr = np.zeros((g, dim), np.float32)  # scale · q Hk: the queries in the keys' lanes
+    own = np.empty(g, np.float32)  # the own token's scores
+    for a in range(g):
+        widen(q[r, h * g + a], x)
+        y = np.float32(0)
+        for i in range(dim):
+            y += x[i] * own_k[i]
+            xi = x[i] * np.float32(scale)
+            for c in range(dim):
+                qr[a, c] += xi * hk[i, c]
+        own[a] = y * np.float32(scale)
+    tw = np.empty((sw, block), np.uint32)  # one page's slots, word by word (a column per token)
+    tile = np.empty((dim, block), np.float32)  # its keys, then its values (a row per lane)
+    gs, gz = np.empty((dim, block), np.float32), np.empty((dim, block), np.float32)  # scale, zero per group
+    p = np.empty((g, block), np.float32)  # the page's scores, then its weights
+    acc = np.zeros((g, dim), np.float32)  # Σ p v, in the values' lanes
+    top = np.full(g, LOW, np.float32)  # running max
     total = np.zeros(g, np.float32)  # running Σ p
     n = past[s]
     for b0 in range(0, n, block):
         page, nt = table[s, b0 // block], min(block, n - b0)
-        for t in range(nt):  # keys: scores from the codes
-            slot = cache[page, h, t]
-            codes_of(slot, 0, kbits, codes)
-            meta(slot, kcodes, ks, kz)
-            for a in range(g):
-                x = np.float32(0)
-                for gi in range(nkg):
-                    dot = np.float32(0)
-                    for i in range(gi * kgroup, (gi + 1) * kgroup):
-                        dot += qs[a, i] * codes[i]
-                    x += ks[gi] * dot + kz[gi] * qsum[a, gi]
-                p[a, t] = x * scale
-        for a in range(g):  # the page's softmax, rescaling what came before once
-            m = max(top[a], p[a, :nt].max())
-            c = np.exp(top[a] - m)
-            total[a] *= c
-            acc[a] *= c
-            zacc[a] *= c
-            top[a] = m
+        base = page * strides[0] + h * strides[1]
+        for t in range(nt):
+            at = base + t * strides[2]
+            for w in range(sw):
+                tw[w, t] = cache[at + w]
+        dequant(tw, 0, kbits, kgroup, nt, gs, gz, tile)
+        for a in range(g):
             for t in range(nt):
-                p[a, t] = np.exp(p[a, t] - m)
-                total[a] += p[a, t]
-        for t in range(nt):  # values: weighted codes, weighted zeros
-            slot = cache[page, h, t]
-            codes_of(slot, kbytes, vbits, codes)
-            meta(slot, kbytes + vcodes, vs, vz)
-            for a in range(g):
-                for gi in range(nvg):
-                    w = p[a, t] * vs[gi]
-                    zacc[a, gi] += p[a, t] * vz[gi]
-                    for i in range(gi * vgroup, (gi + 1) * vgroup):
-                        acc[a, i] += w * codes[i]
-    for a in range(g):  # the own token, then normalise
-        x = np.float32(0)
+                p[a, t] = 0
+            for c in range(dim):
+                qc = qr[a, c]
+                for t in range(nt):
+                    p[a, t] += qc * tile[c, t]
+            m = top[a]
+            for t in range(nt):
+                m = max(m, p[a, t])
+            rescale = np.exp(top[a] - m)
+            total[a] *= rescale
+            for c in range(dim):
+                acc[a, c] *= rescale
+            top[a] = m
+            total[a] += exp_into(p[a], m, nt)
+        dequant(tw, kwords, vbits, vgroup, nt, gs, gz, tile)
+        for a in range(g):
+            for c in range(dim):
+                y = np.float32(0)
+                for t in range(nt):
+                    y += p[a, t] * tile[c, t]
+                acc[a, c] += y
+    for a in range(g):  # the own token, un-rotate, normalise
+        m = max(top[a], own[a])
+        rescale, po = np.exp(top[a] - m), np.exp(own[a] - m)
+        norm = np.float32(1) / (total[a] * rescale + po)
         for i in range(dim):
-            x += qs[a, i] * k_own[s, h, i]
-        x *= scale
-        m = max(top[a], x)
-        c, po = np.exp(top[a] - m), np.exp(x - m)
-        norm = np.float32(1) / (total[a] * c + po)
+            x[i] = po * own_v[i]
+        for c in range(dim):
+            w = acc[a, c] * rescale
+            for i in range(dim):
+                x[i] += w * hvt[c, i]
         for i in range(dim):
-            out[s, h * g + a, i] = ((acc[a, i] + zacc[a, i // vgroup]) * c + po * v_own[s, h, i]) * norm
+            x[i] *= norm
+        narrow(x, out[r, h * g + a])
 
 
-@numba.njit(parallel=True, cache=True)
-def decode_any(cache, table, past, q, k_own, v_own, out, scale, kbits, kgroup, kcodes, vbits, vgroup, vcodes, kbytes):
-    for j in numba.prange(table.shape[0] * cache.shape[1]):
-        job(cache, table, past, q, k_own, v_own, out, scale, j, kbits, kgroup, kcodes, vbits, vgroup, vcodes, kbytes,
-            q.shape[2])
-
-
-@numba.njit(parallel=True, cache=True)
-def decode_64_16_64(cache, table, past, q, k_own, v_own, out, scale, kbits, kgroup, kcodes, vbits, vgroup, vcodes,
-                    kbytes):
-    for j in numba.prange(table.shape[0] * cache.shape[1]):
-        job(cache, table, past, q, k_own, v_own, out, scale, j, kbits, 16, kcodes, vbits, 64, vcodes, kbytes, 64)
-
-
-@numba.njit(parallel=True, cache=True)
-def decode_64_32_64(cache, table, past, q, k_own, v_own, out, scale, kbits, kgroup, kcodes, vbits, vgroup, vcodes,
-                    kbytes):
-    for j in numba.prange(table.shape[0] * cache.shape[1]):
-        job(cache, table, past, q, k_own, v_own, out, scale, j, kbits, 32, kcodes, vbits, 64, vcodes, kbytes, 64)
-
-
-@numba.njit(parallel=True, cache=True)
-def decode_128_16_64(cache, table, past, q, k_own, v_own, out, scale, kbits, kgroup, kcodes, vbits, vgroup, vcodes,
-                     kbytes):
-    for j in numba.prange(table.shape[0] * cache.shape[1]):
-        job(cache, table, past, q, k_own, v_own, out, scale, j, kbits, 16, kcodes, vbits, 64, vcodes, kbytes, 128)
-
-
-@numba.njit(parallel=True, cache=True)
-def decode_128_32_64(cache, table, past, q, k_own, v_own, out, scale, kbits, kgroup, kcodes, vbits, vgroup, vcodes,
-                     kbytes):
-    for j in numba.prange(table.shape[0] * cache.shape[1]):
-        job(cache, table, past, q, k_own, v_own, out, scale, j, kbits, 32, kcodes, vbits, 64, vcodes, kbytes, 128)
-
-
-def decoder(dim: int, key_group: int, value_group: int):
-    """The compiled decode attention for a slot layout."""
-    return globals().get(f"decode_{dim}_{key_group}_{value_group}", decode_any)
+@numba.njit(parallel=True, cache=True, fastmath=True)
+def decode(cache, strides, table, past, rows, q, k_own, v_own, out, hk, hvt, scale, kbits, kgroup, vbits, vgroup,
+           kwords):
+    """Every (sequence, KV head) job of a step; the arguments as ``kernel.decode`` passes them."""
+    for j in numba.prange(table.shape[0] * k_own.shape[1]):
+        job(cache, strides, table, past, rows, q, k_own, v_own, out, hk, hvt, scale, j, kbits, kgroup, vbits, vgroup,
+            kwords, q.shape[2])

@@ -9,16 +9,9 @@ faster than with the sizes as arguments); ``read_any`` takes any layout. Each co
 import numba
 import numpy as np
 
-POW2 = np.array([2.0 ** (e - 25) for e in range(32)], np.float32)  # fp16 exponent e -> 2**(e - 25)
+from .numba_formats import half, narrow
+
 jit = numba.njit(inline="always", cache=True)
-
-
-@jit
-def half(lo, hi):  # an fp16 from its two little-endian bytes (numba has no float16; no libm call)
-    h = np.int32(lo) | (np.int32(hi) << 8)
-    e, m = (h >> 10) & 0x1F, h & 0x3FF
-    v = np.float32(m if e == 0 else 1024 + m) * POW2[max(e, 1)] if e != 31 else np.float32(np.inf)
-    return -v if h & 0x8000 else v
 
 
 @jit
@@ -55,17 +48,15 @@ def part(slot, off, bits, group, ncodes, codes, buf):  # one token's keys (or va
     codes_of(slot, off, bits, codes)  # first the codes ...
     for gi in range(buf.shape[0] // group):  # ... then each group's scale and zero: stride-1, vectorizes
         m = off + ncodes + 4 * gi
-        scale, zero = half(slot[m], slot[m + 1]), half(slot[m + 2], slot[m + 3])
+        scale, zero = half(slot[m] | (np.int32(slot[m + 1]) << 8)), half(slot[m + 2] | (np.int32(slot[m + 3]) << 8))
         for i in range(gi * group, (gi + 1) * group):
             buf[i] = codes[i] * scale + zero
 
 
 @jit
-def store_bf16(bits32, rounded, region, offsets):  # round to nearest even (vectorized), then place
-    for i in range(bits32.shape[0]):
-        u = bits32[i]
-        rounded[i] = np.uint16((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> 16)
-    for i in range(bits32.shape[0]):  # at vLLM's layout offsets
+def store_bf16(buf, rounded, region, offsets):  # round to nearest even (vectorized), then place
+    narrow(buf, rounded)
+    for i in range(buf.shape[0]):  # at vLLM's layout offsets
         region[offsets[i]] = rounded[i]
 
 
@@ -75,14 +66,14 @@ def job(cache, pages, out, k_offsets, v_offsets, j, kbits, kgroup, kcodes, vbits
     heads, block = cache.shape[1], cache.shape[2]
     p, h = j // heads, j % heads
     buf, codes = np.empty(dim, np.float32), np.empty(dim, np.float32)
-    bits32, rounded = buf.view(np.uint32), np.empty(dim, np.uint16)
+    rounded = np.empty(dim, np.uint16)
     region = out[j]  # (block * 2 * dim,)
     for t in range(block):
         slot = cache[pages[p], h, t]
         part(slot, 0, kbits, kgroup, kcodes, codes, buf)
-        store_bf16(bits32, rounded, region, k_offsets[t])
+        store_bf16(buf, rounded, region, k_offsets[t])
         part(slot, kbytes, vbits, vgroup, vcodes, codes, buf)
-        store_bf16(bits32, rounded, region, v_offsets[t])
+        store_bf16(buf, rounded, region, v_offsets[t])
 
 
 @numba.njit(parallel=True, cache=True)
