@@ -140,15 +140,14 @@ def _rows(x: torch.Tensor, heads: int) -> np.ndarray | None:
     return x.numpy() if x.dtype == torch.float32 else None
 
 
-def _bytes(pages: torch.Tensor) -> np.ndarray:
-    """The bytes ``pages`` spans as one flat array (the kernels index it by ``pages``' strides)."""
+def _flat(pages: torch.Tensor, unit: type = np.uint8) -> tuple[np.ndarray, np.ndarray]:
+    """The bytes ``pages`` (``(pages, heads, block, slot_bytes)`` uint8, strided as vLLM's) spans, as one
+    flat array of ``unit``s, and its geometry in those units: page, head and token strides, the page's
+    tokens, a slot's units. Contiguous 32-bit words are what let the decode's unpacking vectorize."""
     span = sum((n - 1) * st for n, st in zip(pages.shape, pages.stride())) + 1
-    return pages.as_strided((span,), (1,)).numpy()
-
-
-def _words(pages: torch.Tensor) -> np.ndarray:
-    """:func:`_bytes` as 32-bit words (strides over 4): contiguous words let the unpacking vectorize."""
-    return _bytes(pages).view(np.uint32)
+    size = np.dtype(unit).itemsize
+    flat = pages.as_strided((span,), (1,)).numpy().view(unit)
+    return flat, np.array([*(st // size for st in pages.stride()[:3]), pages.shape[2], pages.shape[3] // size])
 
 
 def store(codec, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slots: torch.Tensor) -> bool:
@@ -159,8 +158,8 @@ def store(codec, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
     k, v = _rows(key, heads), _rows(value, heads)
     if f is None or k is None or v is None or key.dtype != value.dtype:
         return False
-    f(_bytes(kv_cache), np.array([*kv_cache.stride()[:3], kv_cache.shape[2]]), slots.numpy(), k, v,
-      c.h.numpy(), c.key_bits, c.key_group, c.value_bits, c.value_group, c.key_bytes, MIN_SCALE)
+    f(*_flat(kv_cache), slots.numpy(), k, v, c.h.numpy(), c.key_bits, c.key_group, c.value_bits, c.value_group,
+      c.key_bytes, MIN_SCALE)
     return True
 
 
@@ -179,7 +178,6 @@ def decode(codec, kv_cache: torch.Tensor, table: torch.Tensor, past: torch.Tenso
     if f is None or any(a is None for a in arrays) or len({x.dtype for x in (query, key, value, output)}) > 1:
         return False
     hk, hvt = rotations(c)
-    f(_words(kv_cache), np.array([*(x // 4 for x in kv_cache.stride()[:3]), kv_cache.shape[2], c.slot_bytes // 4]),
-      table.numpy(), past.numpy(), rows.numpy(), *arrays, hk, hvt, float(scale), c.key_bits, c.key_group, c.value_bits,
-      c.value_group, c.key_bytes // 4)
+    f(*_flat(kv_cache, np.uint32), table.numpy(), past.numpy(), rows.numpy(), *arrays, hk, hvt, float(scale),
+      c.key_bits, c.key_group, c.value_bits, c.value_group, c.key_bytes // 4)
     return True

@@ -18,7 +18,7 @@ at a time, for all the GQA query heads of that KV head:
 * the step's own key and value last, at full precision (the chunked-prefill rule), un-rotated: the
   rotation is orthonormal, so ``q·k`` and ``p v`` need none.
 
-fp16 scales and zeros are widened without branches (bits shifted into a float32, times 2**112).
+fp16 scales and zeros are widened without branches (``numba_formats.half_scaled_bits``).
 Every function is top-level (numba's on-disk cache). One entry serves every layout: with the loops
 running along tokens, the presets' sizes as constants (as ``numba_read.py`` has them) measured no faster.
 """
@@ -26,10 +26,9 @@ running along tokens, the presets' sizes as constants (as ``numba_read.py`` has 
 import numba
 import numpy as np
 
-from .numba_formats import narrow, widen
+from .numba_formats import HALF_SCALE, half_scaled_bits, narrow, widen
 
 jit = numba.njit(inline="always", cache=True, fastmath=True)
-MAGIC = np.float32(2.0**112)  # fp16 exponent bias 15 -> float32's 127
 LOW = np.float32(-3.0e38)  # the running max before any score (finite: fastmath assumes no infinities)
 
 
@@ -39,11 +38,10 @@ def meta(tw, at, ng, nt, gs, gz):  # the fp16 (scale, zero) of ng groups (one 32
     for gi in range(ng):
         for t in range(nt):  # little-endian: scale in the low half, zero in the high half
             w = tw[at + gi, t]
-            sb[gi, t] = ((w & np.uint32(0x7FFF)) << np.uint32(13)) | ((w & np.uint32(0x8000)) << np.uint32(16))
-            zb[gi, t] = ((w >> np.uint32(3)) & np.uint32(0x7FFF << 13)) | (w & np.uint32(0x80000000))
+            sb[gi, t], zb[gi, t] = half_scaled_bits(w), half_scaled_bits(w >> np.uint32(16))
         for t in range(nt):
-            gs[gi, t] *= MAGIC
-            gz[gi, t] *= MAGIC
+            gs[gi, t] *= HALF_SCALE
+            gz[gi, t] *= HALF_SCALE
 
 
 @jit
@@ -107,10 +105,10 @@ def exp_into(x, m, n):
 
 
 @jit
-def job(cache, strides, table, past, rows, q, k_own, v_own, out, hk, hvt, scale, j, kbits, kgroup, vbits, vgroup,
+def job(cache, geo, table, past, rows, q, k_own, v_own, out, hk, hvt, scale, j, kbits, kgroup, vbits, vgroup,
         kwords, dim):
     """Sequence ``j // heads`` (step row ``rows[s]``), KV head ``j % heads``: its query heads' output."""
-    heads, block, sw = k_own.shape[1], strides[3], strides[4]
+    heads, block, sw = k_own.shape[1], geo[3], geo[4]
     s, h = j // heads, j % heads
     r, g = rows[s], q.shape[1] // heads
     x, own_k, own_v = np.empty(dim, np.float32), np.empty(dim, np.float32), np.empty(dim, np.float32)
@@ -129,7 +127,8 @@ def job(cache, strides, table, past, rows, q, k_own, v_own, out, hk, hvt, scale,
         own[a] = y * np.float32(scale)
     tw = np.empty((sw, block), np.uint32)  # one page's slots, word by word (a column per token)
     tile = np.empty((dim, block), np.float32)  # its keys, then its values (a row per lane)
-    gs, gz = np.empty((dim, block), np.float32), np.empty((dim, block), np.float32)  # scale, zero per group
+    ng = dim // min(kgroup, vgroup)
+    gs, gz = np.empty((ng, block), np.float32), np.empty((ng, block), np.float32)  # scale, zero per group
     p = np.empty((g, block), np.float32)  # the page's scores, then its weights
     acc = np.zeros((g, dim), np.float32)  # Σ p v, in the values' lanes
     top = np.full(g, LOW, np.float32)  # running max
@@ -137,9 +136,9 @@ def job(cache, strides, table, past, rows, q, k_own, v_own, out, hk, hvt, scale,
     n = past[s]
     for b0 in range(0, n, block):
         page, nt = table[s, b0 // block], min(block, n - b0)
-        base = page * strides[0] + h * strides[1]
+        base = page * geo[0] + h * geo[1]
         for t in range(nt):
-            at = base + t * strides[2]
+            at = base + t * geo[2]
             for w in range(sw):
                 tw[w, t] = cache[at + w]
         dequant(tw, 0, kbits, kgroup, nt, gs, gz, tile)
@@ -182,9 +181,9 @@ def job(cache, strides, table, past, rows, q, k_own, v_own, out, hk, hvt, scale,
 
 
 @numba.njit(parallel=True, cache=True, fastmath=True)
-def decode(cache, strides, table, past, rows, q, k_own, v_own, out, hk, hvt, scale, kbits, kgroup, vbits, vgroup,
+def decode(cache, geo, table, past, rows, q, k_own, v_own, out, hk, hvt, scale, kbits, kgroup, vbits, vgroup,
            kwords):
     """Every (sequence, KV head) job of a step; the arguments as ``kernel.decode`` passes them."""
     for j in numba.prange(table.shape[0] * k_own.shape[1]):
-        job(cache, strides, table, past, rows, q, k_own, v_own, out, hk, hvt, scale, j, kbits, kgroup, vbits, vgroup,
+        job(cache, geo, table, past, rows, q, k_own, v_own, out, hk, hvt, scale, j, kbits, kgroup, vbits, vgroup,
             kwords, q.shape[2])

@@ -52,15 +52,15 @@ def rotate(x, h, v):  # v = x H
 
 
 @numba.njit(parallel=True, cache=True)
-def store(cache, strides, slots, key, value, h, kbits, kgroup, vbits, vgroup, kbytes, min_scale):
+def store(cache, geo, slots, key, value, h, kbits, kgroup, vbits, vgroup, kbytes, min_scale):
     """Token ``i`` of ``key``/``value`` ``(tokens, heads, dim)`` into slot ``slots[i]`` of the byte array
-    ``cache`` (page, head, token strides and the page size in ``strides``); ``min_scale``: the engine's
+    ``cache`` (its geometry in ``geo``: see ``kernel._flat``); ``min_scale``: the engine's
     floor on a group's step."""
-    heads, dim, block = key.shape[1], key.shape[2], strides[3]
+    heads, dim, block = key.shape[1], key.shape[2], geo[3]
     for j in numba.prange(slots.shape[0] * heads):
         i, hd = j // heads, j % heads
         x, v, codes = np.empty(dim, np.float32), np.zeros(dim, np.float32), np.empty(dim, np.int32)
-        off = (slots[i] // block) * strides[0] + hd * strides[1] + (slots[i] % block) * strides[2]
+        off = (slots[i] // block) * geo[0] + hd * geo[1] + (slots[i] % block) * geo[2]
         widen(key[i, hd], x)
         rotate(x, h, v)
         put(cache, off, v, kbits, kgroup, (1 << kbits) - 1, np.float32(min_scale), codes)
