@@ -195,3 +195,26 @@ def test_online_softmax_merge_equals_softmax_over_the_concatenation():
         parts.append(part)
     out, _ = merge_all(parts).output()
     torch.testing.assert_close(out, torch.softmax(scores, -1) @ values, atol=1e-6, rtol=1e-5)
+
+
+def test_the_chunks_history_and_own_parts_merge_as_one_masked_attention():
+    """The CPU prefill path (history unmasked, own tokens causal, merged by log-sum-exp) equals one
+    SDPA call over both with the causal mask."""
+    from streamkv.kv.attention.auto import _history_then_own
+    from streamkv.kv.attention.view import KVSegment, LayerView
+    from streamkv.kv.compat import has_attention_with_lse
+    from streamkv.kv.storage.raw import Raw
+
+    torch.manual_seed(0)
+    b, h, g, n, ql, d = 1, 3, 3, 40, 12, 16
+    query = torch.randn(b, h * g, ql, d)
+    if not has_attention_with_lse(query):
+        pytest.skip("no log-sum-exp SDPA here")
+    hk, hv, k, v = (torch.randn(b * h, t, d) for t in (n, n, ql, ql))
+    view = LayerView([KVSegment(0, Raw(hk), Raw(hv))], k, v, b, h)
+    out = _history_then_own(view, query, d**-0.5)
+    keys = torch.cat([hk, k], 1).view(b, h, n + ql, d)
+    values = torch.cat([hv, v], 1).view(b, h, n + ql, d)
+    mask = torch.ones(ql, n + ql, dtype=torch.bool).tril(n)
+    ref = torch.nn.functional.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=d**-0.5, enable_gqa=True)
+    torch.testing.assert_close(out, ref.transpose(1, 2), atol=1e-5, rtol=1e-5)

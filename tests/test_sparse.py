@@ -29,3 +29,13 @@ def test_sixteen_bit_outliers_are_exact_in_fp16():
     s.append(x, mask)
     out = s.scatter_into(torch.zeros_like(x))
     assert torch.equal(out[mask], x[mask].half().float()) and out[~mask].abs().sum() == 0
+
+
+def test_mask_questions_answer_as_torchs_boolean_reductions():
+    from streamkv.kv.storage.masks import any_set, whole_tokens
+
+    mask = torch.rand(3, 40, 64) < 0.05
+    mask[:, :4] = True  # sinks: whole tokens
+    mask[1, 7] = True
+    assert torch.equal(whole_tokens(mask), mask.all(-1, keepdim=True))
+    assert any_set(mask) and not any_set(torch.zeros_like(mask)) and not any_set(None)

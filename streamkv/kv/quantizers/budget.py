@@ -33,6 +33,7 @@ import torch
 from ..errors import check
 from ..storage.composite import split_rows
 from ..storage.levels import gaussian_mse
+from ..storage.masks import any_set, whole_tokens
 
 KINDS = ("key", "value")
 _OUTLIER_BITS = 24  # int16 position + int8 value
@@ -192,7 +193,7 @@ class BudgetAllocator:
     def _observe(self, kind: str, layer: int, x: torch.Tensor, exclude: torch.Tensor | None) -> None:
         """Fold the block's deviation energy per token, ``E||x_t - mean||^2``, into each unit's statistic."""
         xf = x.float()
-        if exclude is not None and bool(exclude.any()):
+        if any_set(exclude):
             keep = (~exclude).float()
             mean = (xf * keep).sum(1, keepdim=True) / keep.sum(1, keepdim=True).clamp_min(1)
             dev = ((xf - mean) * keep).square().sum((1, 2)) / keep.sum((1, 2)).clamp_min(1)
@@ -209,9 +210,8 @@ class BudgetAllocator:
         """Estimated bits of what ``exclude`` sends elsewhere: sinks (whole tokens) and outliers."""
         if exclude is None:
             return 0.0
-        whole = exclude.all(-1)
-        sink_elements = int(whole.sum()) * x.shape[-1]
-        outliers = int(exclude.sum()) - sink_elements
+        sink_elements = int(whole_tokens(exclude).sum()) * x.shape[-1]
+        outliers = int(exclude.count_nonzero()) - sink_elements
         return sink_elements * (8 + 32 / x.shape[-1]) + outliers * _OUTLIER_BITS
 
     # -- allocation ---------------------------------------------------------------------------------

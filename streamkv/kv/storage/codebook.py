@@ -22,6 +22,7 @@ import torch
 from ..transforms.hadamard import hadamard_on
 from . import scale_search
 from .levels import gaussian_mse, lloyd_max, normal_float, thresholds
+from .masks import any_set, whole_tokens
 from .packed import MIN_SCALE, Quantized, as_units, group_range, quantize
 from .packing import pack
 from .rotated import Rotated
@@ -91,15 +92,15 @@ def quantize_codebook(
 def _prepare(x: torch.Tensor, exclude: torch.Tensor | None, rotated: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``x`` (rotated if asked) and the mask of values to leave out of the group statistics."""
     x = x.float()
-    if exclude is None or not bool(exclude.any()):
+    if not any_set(exclude):
         return (x @ hadamard_on(x.shape[-1], x.device, x.dtype) if rotated else x), None
     if not rotated:
         return x, exclude
     keep = ~exclude
     mean = (x * keep).sum(1, keepdim=True) / keep.sum(1, keepdim=True).clamp_min(1)
     x = torch.where(exclude, mean, x)  # stored elsewhere: overwritten on read, so make it harmless
-    whole = exclude.all(-1, keepdim=True)  # whole tokens (sinks) stay out of the statistics
-    return x @ hadamard_on(x.shape[-1], x.device, x.dtype), (whole.expand_as(x) if bool(whole.any()) else None)
+    whole = whole_tokens(exclude)  # whole tokens (sinks) stay out of the statistics
+    return x @ hadamard_on(x.shape[-1], x.device, x.dtype), (whole.expand_as(x) if any_set(whole) else None)
 
 
 @lru_cache(maxsize=1)
