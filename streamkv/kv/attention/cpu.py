@@ -146,47 +146,50 @@ def _version(sparse) -> int:
     return -1 if sparse is None else sparse.version
 
 
-def _launch(seg, piece: Piece, d: int, rows: int):
-    """The kernel of ``piece`` and the arguments of its call that stay fixed while the segment's
-    blocks are stored (word orders, block arrays, RoPE layout, outliers): made once per position of
-    the segment and version of its outliers and held by the piece, since every decoding step reads
-    every piece."""
+def _calls(seg, rows: int, d: int, ql: int, heads: int, t0: int, t1: int) -> list[list[tuple]]:
+    """For each interval of ``seg`` holding tokens of ``[t0, t1)``: each piece's kernel, whether it
+    scores the rotated query, and the arguments of its call that stay fixed while the segment is
+    stored (all but the step's queries, mask columns and outputs). Made once per state of the
+    segment (position, tokens, outlier versions) and held by its key block, since every decoding
+    step reads every piece: a step then costs one dispatch per piece and no host work."""
     key = (seg.start, seg.tokens, seg.skip, seg.key_rope is not None, seg.key_hadamard,
-           _version(seg.key_outliers), _version(seg.value_outliers), d, rows)
-    held = piece.launch.get("cpu")
-    if held is not None and held[0] == key:
-        return held[1]
-    keys, values = piece.keys, piece.values
-    rope = seg.key_rope is not None
-    if rope:  # the base of every tile up to the segment's last (the table reaches a tile past it)
-        rope_args = _rope_layout(seg.key_rope, seg.start, seg.start + seg.tokens, d, keys.bits)
-    else:
-        rope_args = _NO_ROPE
+           _version(seg.key_outliers), _version(seg.value_outliers), rows, d, ql, heads, t0, t1)
+    held = seg.keys.derived.get("cpu-calls")
+    if held is not None and held[0] is seg.values and held[1] == key:
+        return held[2]
     from ..kernels.cpu_attend import kernel_for  # numba: imported where the kernel runs
 
-    kernel = kernel_for(keys.bits, keys.lut is not None, keys.axis == "channel", values.bits, values.lut is not None,
-                        values.axis == "channel", seg.key_hadamard, rope)
-    fixed = (word_order(keys.bits, d), word_order(values.bits, d),
-             (*arrays(keys), *arrays(values), *rope_args, *_outlier_arrays(seg.key_outliers, rows),
-              *_outlier_arrays(seg.value_outliers, rows)))
-    piece.launch["cpu"] = (key, (kernel, fixed))
-    return kernel, fixed
+    rope = seg.key_rope is not None
+    scored_rotated = seg.key_hadamard and not rope
+    outliers = (*_outlier_arrays(seg.key_outliers, rows), *_outlier_arrays(seg.value_outliers, rows))
+    calls = []
+    for group in _intervals(seg, rows, t0, t1):
+        interval = []
+        for piece in group:
+            keys, values = piece.keys, piece.values
+            # the base of every tile up to the segment's last (the table reaches a tile past it)
+            rope_args = _rope_layout(seg.key_rope, seg.start, seg.start + seg.tokens, d, keys.bits) if rope else _NO_ROPE
+            kernel = kernel_for(keys.bits, keys.lut is not None, keys.axis == "channel", values.bits,
+                                values.lut is not None, values.axis == "channel", seg.key_hadamard, rope)
+            a, b = max(t0, piece.off) - piece.off, min(t1, piece.off + piece.tokens) - piece.off  # in the piece's tokens
+            chunks = max(1, min(CHUNKS, (b - a) // (2 * TILE)))  # a short segment (sinks) is one job per row
+            fixed = (word_order(keys.bits, d), word_order(values.bits, d), *arrays(keys), *arrays(values), *rope_args,
+                     *outliers, heads, ql, seg.skip, a, b, chunks, piece.rows, piece.krow, piece.vrow, piece.off,
+                     piece.koff, piece.voff)
+            interval.append((kernel, scored_rotated, fixed))
+        calls.append(interval)
+    seg.keys.derived["cpu-calls"] = (seg.values, key, calls)
+    return calls
 
 
-def _read(seg, piece: Piece, t0: int, t1: int, q, q_rot, mask, view, ql: int, top, l, stored, plain) -> None:
-    """Run the kernel on ``piece`` of ``seg`` for the segment's tokens ``[t0, t1)``: the softmax
-    statistics of its rows into ``top``, ``l`` (rows, nq, 1) and their value sums into ``stored`` (the
-    stored domain) and ``plain`` (outliers)."""
-    rows, nq, d = q.shape
-    kernel, (korder, vorder, blocks) = _launch(seg, piece, d, rows)
-    qk = q_rot if (seg.key_hadamard and seg.key_rope is None) else q
-    a, b = max(t0, piece.off) - piece.off, min(t1, piece.off + piece.tokens) - piece.off  # in the piece's tokens
-    cols, has_mask = _columns(view, mask, seg.start, piece.off + b)
-    chunks = max(1, min(CHUNKS, (b - a) // (2 * TILE)))  # a short segment (sinks) is one job per row
-    kernel(
-        qk, korder, q, vorder, *blocks, cols, has_mask, view.heads, ql, seg.skip, a, b, chunks, piece.rows,
-        piece.krow, piece.vrow, piece.off, piece.koff, piece.voff, top, l, stored, plain,
-    )
+def _read(seg, calls: list[list[tuple]], q, q_rot, mask, view, t1: int, top, l, stored, plain, first: int = 0) -> None:
+    """Run ``seg``'s kernel calls (:func:`_calls`, for its tokens up to ``t1``) for the queries ``q``:
+    interval ``i``'s softmax statistics into ``top[first + i]``, ``l`` (slots, rows, nq, 1) and its
+    value sums into ``stored`` (the stored domain) and ``plain`` (outliers)."""
+    cols, has_mask = _columns(view, mask, seg.start, t1)
+    for i, interval in enumerate(calls):
+        for kernel, scored_rotated, fixed in interval:
+            kernel(q_rot if scored_rotated else q, q, cols, has_mask, top, l, stored, plain, first + i, *fixed)
 
 
 def _intervals(seg, rows: int, t0: int, t1: int) -> list[list[Piece]]:
@@ -202,19 +205,19 @@ def attend(seg, t0: int, t1: int, qs):
     """The :class:`Partial` of ``seg``'s tokens ``[t0, t1)`` for the queries ``qs`` (see module docstring)."""
     rows, nq, d = qs.q.shape
     q, q_rot = _numpy(qs.q), None if qs.q_rot is None else _numpy(qs.q_rot)
+    calls = _calls(seg, rows, d, qs.ql, qs.view.heads, t0, t1)
+    n = len(calls)
+    top, l = np.empty((n, rows, nq, 1), np.float32), np.empty((n, rows, nq, 1), np.float32)
+    stored, plain = np.empty((n, rows, nq, d), np.float32), np.empty((n, rows, nq, d), np.float32)
+    _read(seg, calls, q, q_rot, qs.mask, qs.view, t1, top, l, stored, plain)
+    outliers = seg.value_outliers is not None and seg.value_outliers.count
     parts = []
-    for group in _intervals(seg, rows, t0, t1):
-        top, l = np.empty((rows, nq, 1), np.float32), np.empty((rows, nq, 1), np.float32)
-        stored, plain = np.empty((rows, nq, d), np.float32), np.empty((rows, nq, d), np.float32)
-        for piece in group:
-            _read(seg, piece, t0, t1, q, q_rot, qs.mask, qs.view, qs.ql, top, l, stored, plain)
-        top, l, stored, plain = (torch.from_numpy(x) for x in (top, l, stored, plain))
-        if seg.value_outliers is None or not seg.value_outliers.count:
-            plain = None
+    for i in range(n):
+        ti, li, si, pi = (torch.from_numpy(x[i]) for x in (top, l, stored, plain))
         if not seg.value_hadamard:
-            parts.append(Partial(top, l, [stored if plain is None else stored + plain, None]))
+            parts.append(Partial(ti, li, [si + pi if outliers else si, None]))
         else:
-            parts.append(Partial(top, l, [plain, stored]))
+            parts.append(Partial(ti, li, [pi if outliers else None, si]))
     return merge_all(parts)
 
 
@@ -254,16 +257,17 @@ def decode(view, query: torch.Tensor, mask: torch.Tensor | None, scaling: float)
     if _residual(view):
         res_k, res_v = segs[-1].keys.data, segs[-1].values.data
         segs = segs[:-1]
-    reads = [(seg, group) for seg in segs for group in _intervals(seg, rows, seg.read_from, seg.tokens)]
-    rotated = np.array([seg.value_hadamard for seg, _ in reads], np.bool_)
+    reads = [_calls(seg, rows, d, ql, view.heads, seg.read_from, seg.tokens) for seg in segs]
+    rotated = np.array([seg.value_hadamard for seg, calls in zip(segs, reads) for _ in calls], np.bool_)
     rot, unrot = _hadamard(d)
     q_rot = q @ rot if any(s.key_hadamard for s in segs) else q
-    n = len(reads)
+    n = len(rotated)
     top, l = np.empty((n, rows, nq, 1), np.float32), np.empty((n, rows, nq, 1), np.float32)
     stored, plain = np.empty((n, rows, nq, d), np.float32), np.empty((n, rows, nq, d), np.float32)
-    for i, (seg, group) in enumerate(reads):
-        for piece in group:
-            _read(seg, piece, seg.read_from, seg.tokens, q, q_rot, mask, view, ql, top[i], l[i], stored[i], plain[i])
+    first = 0
+    for seg, calls in zip(segs, reads):
+        _read(seg, calls, q, q_rot, mask, view, seg.tokens, top, l, stored, plain, first)
+        first += len(calls)
     tail = res_k.shape[1] + view.keys.shape[1]  # the residual and the own tokens
     cols, has_mask = _columns(view, mask, view.history - res_k.shape[1], tail)
     out = np.empty((gq.batch, ql, gq.q_heads, d), np.float32)

@@ -12,7 +12,7 @@ held by it (a stored block never changes).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -38,7 +38,6 @@ class Piece:
     rows: np.ndarray
     krow: np.ndarray
     vrow: np.ndarray
-    launch: dict = field(default_factory=dict, compare=False, repr=False)  # the host's fixed arguments of its call
 
 
 def _leaf(block) -> bool:

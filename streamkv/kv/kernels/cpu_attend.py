@@ -102,13 +102,15 @@ def _build(KBITS, KLUT, KCH, VBITS, VLUT, VCH, KHAD, ROPE):
         return lo
 
     @njit(parallel=True, fastmath=True)
-    def kernel(qk, korder, qp, vorder, kc, ks, kz, klut, kunit, kgroup, vc, vs, vz, vlut, vunit, vgroup,
-               rco, rso, rbase, partner, kptr, ktok, kch, kval, vptr, vtok, vch, vval, mask, has_mask,
-               heads, ql, skip, t0, t1, chunks, rowlist, krow, vrow, off, koff, voff, top, l, stored, plain):
+    def kernel(qk, qp, mask, has_mask, top, l, stored, plain, slot, korder, vorder, kc, ks, kz, klut, kunit, kgroup,
+               vc, vs, vz, vlut, vunit, vgroup, rco, rso, rbase, partner, kptr, ktok, kch, kval, vptr, vtok, vch, vval,
+               heads, ql, skip, t0, t1, chunks, rowlist, krow, vrow, off, koff, voff):
         """Tokens ``t0 .. t1`` of a piece that starts ``off`` tokens into its segment and ``koff`` /
         ``voff`` tokens into the key / value block (all multiples of TILE), for the segment rows
         ``rowlist``; row ``g`` of the segment is row ``krow[g]`` / ``vrow[g]`` of the key / value
-        block (a block may hold only the rows of one width)."""
+        block (a block may hold only the rows of one width). The step's arguments come first (the
+        queries, the mask's columns, the outputs and their ``slot``), those fixed while the piece is
+        stored after them."""
         rows = rowlist.shape[0]
         nq, d = qk.shape[1], qk.shape[2]
         kwords = d // KPER
@@ -218,6 +220,6 @@ def _build(KBITS, KLUT, KCH, VBITS, VLUT, VCH, KHAD, ROPE):
                 for m in range(d):
                     acc_out[ri, ch, j, m] = acc[j, m]
                     accp_out[ri, ch, j, m] = accp[j, m]
-        merge_chunks(m_out, l_out, acc_out, accp_out, vorder, rowlist, top, l, stored, plain)
+        merge_chunks(m_out, l_out, acc_out, accp_out, vorder, rowlist, top[slot], l[slot], stored[slot], plain[slot])
 
     return kernel

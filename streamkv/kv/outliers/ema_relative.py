@@ -12,6 +12,15 @@ from ..storage.sparse import OUTLIER_BITS
 GRANULARITIES = ("value", "channel")
 
 
+def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each (row, channel)'s mean and population standard deviation over the tokens of ``x`` (rows,
+    tokens, dim), as float32 (rows, dim). Two passes, as torch's ``std`` does, spelled out: its
+    reduction over the middle dim is far slower on the CPU."""
+    xf = x.float()
+    mean = xf.mean(1)
+    return mean, (xf - mean.unsqueeze(1)).square().mean(1).sqrt()
+
+
 class EmaChannelStats:
     """Per-channel mean and standard deviation, smoothed across chunks.
 
@@ -26,10 +35,7 @@ class EmaChannelStats:
 
     def update(self, x: torch.Tensor) -> None:
         """``x``: (rows, tokens, dim); statistics are per (row, channel)."""
-        xf = x.float()
-        mean = xf.mean(1)
-        # two passes, as torch's std does, spelled out: its reduction over the middle dim is far slower on the CPU
-        std = (xf - mean.unsqueeze(1)).square().mean(1).sqrt()
+        mean, std = channel_stats(x)
         if self.mean is None:
             self.mean, self.std = mean, std
         else:

@@ -9,6 +9,7 @@ import torch
 
 from ..errors import check, one_of
 from ..storage.sparse import OUTLIER_BITS
+from .ema_relative import channel_stats
 
 
 @dataclass
@@ -33,8 +34,8 @@ class TopKOutliers:
         return None
 
     def detect(self, x: torch.Tensor, state: None) -> torch.Tensor:
-        xf = x.float()
-        score = ((xf - xf.mean(1, keepdim=True)) / xf.std(1, keepdim=True, correction=0).clamp_min(1e-6)).abs()
+        mean, std = channel_stats(x)
+        score = ((x.float() - mean.unsqueeze(1)) / std.unsqueeze(1).clamp_min(1e-6)).abs()
         flat = score.flatten(1)
         k = max(1, math.ceil(self.fraction * flat.shape[1]))
         mask = torch.zeros_like(flat, dtype=torch.bool)

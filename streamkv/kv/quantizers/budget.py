@@ -33,7 +33,7 @@ import torch
 from ..errors import check
 from ..storage.composite import split_rows
 from ..storage.levels import gaussian_mse
-from ..storage.masks import any_set, whole_tokens
+from ..storage.masks import any_set, kept_mean, whole_tokens
 
 KINDS = ("key", "value")
 _OUTLIER_BITS = 24  # int16 position + int8 value
@@ -195,8 +195,7 @@ class BudgetAllocator:
         xf = x.float()
         if any_set(exclude):
             keep = (~exclude).float()
-            mean = (xf * keep).sum(1, keepdim=True) / keep.sum(1, keepdim=True).clamp_min(1)
-            dev = ((xf - mean) * keep).square().sum((1, 2)) / keep.sum((1, 2)).clamp_min(1)
+            dev = ((xf - kept_mean(xf, exclude)) * keep).square().sum((1, 2)) / keep.sum((1, 2)).clamp_min(1)
         else:
             dev = (xf - xf.mean(1, keepdim=True)).square().mean((1, 2))
         per_row = (dev * x.shape[-1]).tolist()

@@ -22,7 +22,7 @@ import torch
 from ..transforms.hadamard import hadamard_on
 from . import scale_search
 from .levels import gaussian_mse, lloyd_max, normal_float, thresholds
-from .masks import any_set, whole_tokens
+from .masks import any_set, kept_mean, whole_tokens
 from .packed import MIN_SCALE, Quantized, as_units, group_range, quantize
 from .packing import pack
 from .rotated import Rotated
@@ -96,9 +96,7 @@ def _prepare(x: torch.Tensor, exclude: torch.Tensor | None, rotated: bool) -> tu
         return (x @ hadamard_on(x.shape[-1], x.device, x.dtype) if rotated else x), None
     if not rotated:
         return x, exclude
-    keep = ~exclude
-    mean = (x * keep).sum(1, keepdim=True) / keep.sum(1, keepdim=True).clamp_min(1)
-    x = torch.where(exclude, mean, x)  # stored elsewhere: overwritten on read, so make it harmless
+    x = torch.where(exclude, kept_mean(x, exclude), x)  # stored elsewhere: overwritten on read, so make it harmless
     whole = whole_tokens(exclude)  # whole tokens (sinks) stay out of the statistics
     return x @ hadamard_on(x.shape[-1], x.device, x.dtype), (whole.expand_as(x) if any_set(whole) else None)
 
