@@ -93,6 +93,30 @@ def test_decoding_on_the_cpu_reads_the_default_storage_with_the_kernel(tiny64, m
     assert len(steps) >= 3 * 2 and any(v.segments[-1].key_rope is None for v in steps)  # with a residual too
 
 
+def test_a_kernel_compiled_in_one_process_is_loaded_from_disk_by_the_next(tiny64, one_thread):
+    """Every layout compiled so far is on disk under its own key: a fresh build of each (as a new
+    process makes) loads every signature instead of compiling it, and its numbers still equal dense."""
+    from streamkv.kv.attention import cpu
+    from streamkv.kv.kernels import cpu_attend
+    from streamkv.kv.kernels.disk_cache import on_disk
+
+    if not cpu.available():
+        pytest.skip("numba is not installed")
+    q = {"name": "uniform", "key_group_size": 64, "rotate_keys": True, "rotate_values": True}
+    backends_agree(tiny64, q, "fixed", "ema_relative", torch.randint(0, 96, (1, 140)), chunk=64, decode=2)
+    compiled = dict(cpu_attend._compiled)
+    try:
+        for layout, kernel in compiled.items():
+            fresh = cpu_attend._compiled[layout] = on_disk(cpu_attend._build(*layout), layout, cpu_attend._SOURCES)
+            for sig in kernel.signatures:
+                fresh.compile(sig)
+            assert sum(fresh.stats.cache_hits.values()) == len(kernel.signatures) > 0, layout
+            assert not fresh.stats.cache_misses, layout
+        backends_agree(tiny64, q, "fixed", "ema_relative", torch.randint(0, 96, (1, 140)), chunk=64, decode=2)
+    finally:
+        cpu_attend._compiled.update(compiled)
+
+
 @pytest.mark.parametrize("preset", ["lloyd_max_budget", "lloyd_max_budget_per_layer", "lloyd_max_fixed"])
 def test_decoding_on_the_cpu_reads_the_presets_storage_with_the_kernel(tiny64, preset, monkeypatch, one_thread):
     """The budgeted presets' storage (Lloyd-Max values, log-scale scales, widths that change between

@@ -15,20 +15,25 @@ from math import sqrt
 import numpy as np
 from numba import njit, prange
 
+from ..storage import packing
 from ..storage.packing import codes_per_word
+from . import cpu_layout, cpu_merge, cpu_tiles
 from .cpu_layout import TILE
 from .cpu_merge import merge_chunks
 from .cpu_tiles import tile_loader
+from .disk_cache import on_disk
 
 # -- the attention kernel -------------------------------------------------------------------------------------
 _compiled: dict = {}
+_SOURCES = tuple(m.__file__ for m in (packing, cpu_layout, cpu_merge, cpu_tiles)) + (__file__,)
 
 
 def kernel_for(*layout):
     """The kernel specialised for one storage layout (widths, codebooks, axes, transforms are
-    compile-time constants, so every inner loop is branch-free)."""
+    compile-time constants, so every inner loop is branch-free), compiled once per machine: later
+    processes load it from disk (:mod:`.disk_cache`)."""
     if layout not in _compiled:
-        _compiled[layout] = _build(*layout)
+        _compiled[layout] = on_disk(_build(*layout), layout, _SOURCES)
     return _compiled[layout]
 
 

@@ -27,6 +27,8 @@ def available() -> bool:
 def _kernel():
     from numba import njit, prange
 
+    from ..kernels.disk_cache import on_disk
+
     f32 = np.float32
 
     @njit(inline="always")
@@ -81,7 +83,7 @@ def _kernel():
                 dd_out[gi] = dd
                 dc_out[gi] = dc
 
-    return search
+    return on_disk(search, ("scale_search",), (__file__,))
 
 
 def search_scales(d: torch.Tensor, w: torch.Tensor | None, levels: torch.Tensor, cuts: torch.Tensor,
