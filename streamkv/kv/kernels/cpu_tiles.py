@@ -21,7 +21,7 @@ def tile_loader(BITS, LUT, CHANNEL, TOKEN_MAJOR):
     C32 = 32 // BITS  # codes per 32-bit word
     f32 = np.float32
 
-    @njit(inline="always", fastmath=True)
+    @njit(fastmath=True)
     def load(codes, scale, zero, lut, unit, group, r, a0, n, extra, out, tw):
         d = out.shape[1] if TOKEN_MAJOR else out.shape[0]
         words = d // PER
