@@ -93,31 +93,8 @@ def test_decoding_on_the_cpu_reads_the_default_storage_with_the_kernel(tiny64, m
     assert len(steps) >= 3 * 2 and any(v.segments[-1].key_rope is None for v in steps)  # with a residual too
 
 
-def test_a_kernel_compiled_in_one_process_is_loaded_from_disk_by_the_next(tiny64, one_thread):
-    """Every layout compiled so far is on disk under its own key: a fresh build of each (as a new
-    process makes) loads every signature instead of compiling it, and its numbers still equal dense."""
-    from streamkv.kv.attention import cpu
-    from streamkv.kv.kernels import cpu_attend
-    from streamkv.kv.kernels.disk_cache import on_disk
-
-    if not cpu.available():
-        pytest.skip("numba is not installed")
-    q = {"name": "uniform", "key_group_size": 64, "rotate_keys": True, "rotate_values": True}
-    backends_agree(tiny64, q, "fixed", "ema_relative", torch.randint(0, 96, (1, 140)), chunk=64, decode=2)
-    compiled = dict(cpu_attend._compiled)
-    try:
-        for layout, kernel in compiled.items():
-            fresh = cpu_attend._compiled[layout] = on_disk(cpu_attend._build(*layout), layout, cpu_attend._SOURCES)
-            for sig in kernel.signatures:
-                fresh.compile(sig)
-            assert sum(fresh.stats.cache_hits.values()) == len(kernel.signatures) > 0, layout
-            assert not fresh.stats.cache_misses, layout
-        backends_agree(tiny64, q, "fixed", "ema_relative", torch.randint(0, 96, (1, 140)), chunk=64, decode=2)
-    finally:
-        cpu_attend._compiled.update(compiled)
-
-
-@pytest.mark.parametrize("preset", ["lloyd_max_budget", "lloyd_max_budget_per_layer", "lloyd_max_fixed"])
+@pytest.mark.parametrize("preset", ["lloyd_max_budget", "lloyd_max_budget_per_layer", "lloyd_max_fixed",
+                                    "lloyd_max_3bit_token_values"])
 def test_decoding_on_the_cpu_reads_the_presets_storage_with_the_kernel(tiny64, preset, monkeypatch, one_thread):
     """The budgeted presets' storage (Lloyd-Max values, log-scale scales, widths that change between
     chunks and differ per KV head: time Segments and RowSplits) is read by the compiled decoding step,
@@ -131,7 +108,9 @@ def test_decoding_on_the_cpu_reads_the_presets_storage_with_the_kernel(tiny64, p
     q = {"name": "lloyd_max", "key_group_size": 64, "value_group_size": 32}
     q.update({"lloyd_max_budget": {"budget_bits": 4.6, "widths": [2, 3, 4, 8]},
               "lloyd_max_budget_per_layer": {"budget_bits": 3.6, "granularity": "layer"},
-              "lloyd_max_fixed": {"key_bits": 3, "value_bits": 2}}[preset])
+              "lloyd_max_fixed": {"key_bits": 3, "value_bits": 2},
+              # one group per token: the values' whole-token fast path, at its three-bit width
+              "lloyd_max_3bit_token_values": {"key_bits": 4, "value_bits": 3, "value_group_size": 64}}[preset])
     torch.manual_seed(4)
     ids = torch.randint(0, 96, (2, 330))
     backends_agree(tiny64, q, "fixed", "ema_relative", ids, chunk=64, decode=4)
@@ -139,7 +118,7 @@ def test_decoding_on_the_cpu_reads_the_presets_storage_with_the_kernel(tiny64, p
         type(getattr(s.values, "inner", s.values)).__name__ for v in steps for s in v.segments}
     decoded = {id(x) for v in steps for x in v.segments}
     assert steps and not [s for s in tensor_path if id(s) in decoded]
-    if preset != "lloyd_max_fixed":
+    if preset.startswith("lloyd_max_budget"):
         assert seen & {Segments.__name__, RowSplit.__name__}, seen  # composites did reach the kernel
 
 

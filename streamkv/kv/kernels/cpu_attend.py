@@ -21,7 +21,7 @@ from . import cpu_layout, cpu_merge, cpu_tiles
 from .cpu_layout import TILE
 from .cpu_merge import merge_chunks
 from .cpu_tiles import tile_loader
-from .disk_cache import on_disk
+from .disk_cache import on_disk, tagged
 
 # -- the attention kernel -------------------------------------------------------------------------------------
 _compiled: dict = {}
@@ -239,4 +239,6 @@ def _build(KBITS, KLUT, KCH, VBITS, VLUT, VCH, KHAD, ROPE):
                     acc_out, accp_out)
         merge_chunks(m_out, l_out, acc_out, accp_out, vorder, rowlist, top[slot], l[slot], stored[slot], plain[slot])
 
+    tagged("_".join(str(int(x)) for x in (KBITS, KLUT, KCH, VBITS, VLUT, VCH, KHAD, ROPE)), exp_tile, fwht, first_at,
+           one_job, kernel)
     return kernel

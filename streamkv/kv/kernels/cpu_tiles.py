@@ -9,6 +9,7 @@ from numba import njit
 
 from ..storage.packing import codes_per_word
 from .cpu_layout import TILE
+from .disk_cache import tagged
 
 
 def tile_loader(BITS, LUT, CHANNEL, TOKEN_MAJOR):
@@ -79,6 +80,21 @@ def tile_loader(BITS, LUT, CHANNEL, TOKEN_MAJOR):
                         c = (np.int32(cu[i]) >> (k * BITS)) & MASK
                         seg[i] = (lut[c] if LUT else f32(c)) * s1 + z1
             return
+        if TOKEN_MAJOR and not CHANNEL and BITS == 3 and scale.shape[2] == 1:
+            # the same for three-bit codes: the token's 24-bit words first (into tw's first row)
+            wv = tw[0]
+            for tt in range(n):
+                t = a0 + tt
+                s1, z1 = scale[r, t, 0] * extra, zero[r, t, 0] * extra
+                cu = codes[r, t]
+                for i in range(words):
+                    wv[i] = np.uint32(cu[3 * i]) | (np.uint32(cu[3 * i + 1]) << 8) | (np.uint32(cu[3 * i + 2]) << 16)
+                for k in range(PER):
+                    seg = out[tt, k * words : (k + 1) * words]
+                    for i in range(words):
+                        c = np.int32((wv[i] >> (3 * k)) & 7)
+                        seg[i] = (lut[c] if LUT else f32(c)) * s1 + z1
+            return
         held = d if TOKEN_MAJOR and CHANNEL else 0  # token-major per-channel units: the unit's scale, zero
         sw = np.empty(held, np.float32)
         zw = np.empty(held, np.float32)
@@ -147,4 +163,5 @@ def tile_loader(BITS, LUT, CHANNEL, TOKEN_MAJOR):
                 for tt in range(n):
                     out[m, tt] = out[m, tt] * sv[g, tt] + zv[g, tt]
 
+    tagged(f"{BITS}_{int(LUT)}_{int(CHANNEL)}_{int(TOKEN_MAJOR)}", load)
     return load

@@ -7,6 +7,11 @@ compiled each layout again. Here the key is what decides the compiled code: the 
 layout) and a digest of the kernel's source files (numba's own stamp covers only the file of the
 outermost function, not the helpers it inlines from other files). numba keeps the rest of its checks
 (its version, the CPU, the Python version, the signature).
+
+Code loaded from disk is linked by symbol name, and numba names a function by its qualified name
+and a per-process counter: closures built per layout share the qualified name, so two layouts
+compiled in two processes could load under one name, and one would run the other's code. Every
+closure of a specialisation therefore carries its layout in its name (:func:`tagged`).
 """
 
 from __future__ import annotations
@@ -36,6 +41,12 @@ class _KeyedCache(FunctionCache):
 
     def _index_key(self, sig, codegen):
         return (sig, codegen.magic_tuple(), (repr(self._key), _digest(self._sources)))
+
+
+def tagged(tag: str, *dispatchers) -> None:
+    """Append ``tag`` to the name of each of ``dispatchers`` (``njit`` closures not yet compiled)."""
+    for d in dispatchers:
+        d.py_func.__qualname__ = f"{d.py_func.__qualname__}_{tag}"
 
 
 def on_disk(dispatcher, key: tuple, sources: tuple[str, ...]):
