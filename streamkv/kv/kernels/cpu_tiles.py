@@ -18,81 +18,66 @@ def tile_loader(BITS, LUT, CHANNEL, TOKEN_MAJOR):
     or ``out[:n]`` of (TILE, dim) when ``TOKEN_MAJOR``; ``tw`` is scratch of (dim, TILE) uint32."""
     PER = codes_per_word(BITS)
     MASK = (1 << BITS) - 1
-    WB = 3 if BITS == 3 else 1
-    C32 = 32 // BITS  # codes per 32-bit word
+    WB = 3 if BITS == 3 else 1  # bytes per packing word
+    WPW = 1 if BITS == 3 else 4  # packing words per staged 32-bit word
     f32 = np.float32
+
+    @njit(inline="always")
+    def word(cu, o, i):
+        """Packing word ``i`` of the bytes from ``cu[o]`` as a 32-bit word: code ``k`` at bit ``k * BITS``
+        (three-bit codes: eight in three little-endian bytes)."""
+        if BITS == 3:
+            b = o + 3 * i
+            return np.uint32(cu[b]) | (np.uint32(cu[b + 1]) << 8) | (np.uint32(cu[b + 2]) << 16)
+        return np.uint32(cu[o + i])
 
     @njit(fastmath=True)
     def load(codes, scale, zero, lut, unit, group, r, a0, n, extra, out, tw):
         d = out.shape[1] if TOKEN_MAJOR else out.shape[0]
         words = d // PER
-        if not TOKEN_MAJOR and CHANNEL and BITS != 3 and unit % TILE == 0 and n == TILE and words % 4 == 0:
-            # a whole tile inside one unit: its bytes are one (TILE, words) block. Transpose it as 32-bit
-            # words (TILE x words/4 moves), then unpack each word's codes along the tile's tokens, so
-            # every unpacking step is a vector operation. Little-endian: code kk of a word sits at bit
-            # kk * BITS (byte kk // PER, slot kk % PER), word-layout position (kk % PER) * words + byte.
+        if not TOKEN_MAJOR and CHANNEL and unit % TILE == 0 and n == TILE and (BITS == 3 or words % 4 == 0):
+            # a whole tile inside one unit. Its words are staged transposed, (staged word, token), so
+            # every unpacking step is a vector operation along the tile's tokens: a 32-bit word holds
+            # WPW packing words (its TILE x words bytes are one block, moved as 32-bit words), and
+            # code kk of staged word w sits at bit kk * BITS: word-layout position (kk % PER) * words
+            # + WPW * w + kk // PER.
             u = a0 // unit
-            w32 = words // 4
-            o = (a0 - u * unit) * w32
-            blk = codes[r, u].view(np.uint32)[o : o + TILE * w32].reshape((TILE, w32))
-            for tt in range(TILE):
-                for w in range(w32):
-                    tw[w, tt] = blk[tt, w]
-            for w in range(w32):
+            o = a0 - u * unit
+            staged = words // WPW
+            if BITS == 3:
+                cu = codes[r, u]
+                for tt in range(TILE):
+                    for w in range(staged):
+                        tw[w, tt] = word(cu, (o + tt) * words * WB, w)
+            else:
+                blk = codes[r, u].view(np.uint32)[o * staged : (o + TILE) * staged].reshape((TILE, staged))
+                for tt in range(TILE):
+                    for w in range(staged):
+                        tw[w, tt] = blk[tt, w]
+            for w in range(staged):
                 src = tw[w]
-                for kk in range(C32):
-                    k, byte = kk % PER, 4 * w + kk // PER
+                for kk in range(WPW * PER):
+                    k, byte = kk % PER, WPW * w + kk // PER
                     row = out[k * words + byte]
                     s, z = scale[r, u, byte * PER + k] * extra, zero[r, u, byte * PER + k] * extra
                     for tt in range(TILE):
                         c = np.int32((src[tt] >> (kk * BITS)) & MASK)
                         row[tt] = (lut[c] if LUT else f32(c)) * s + z
             return  # unpacked and dequantized
-        if not TOKEN_MAJOR and CHANNEL and BITS == 3 and unit % TILE == 0 and n == TILE:
-            # the same for three-bit codes: each token's 24-bit words (eight codes in three bytes,
-            # code kk at bit 3 * kk) gathered along the tile's tokens, then unpacked code by code
-            u = a0 // unit
-            cu = codes[r, u]
-            o = (a0 - u * unit) * words * 3
-            for tt in range(TILE):
-                for i in range(words):
-                    b = o + (tt * words + i) * 3
-                    tw[i, tt] = np.uint32(cu[b]) | (np.uint32(cu[b + 1]) << 8) | (np.uint32(cu[b + 2]) << 16)
-            for i in range(words):
-                src = tw[i]
-                for k in range(PER):
-                    row = out[k * words + i]
-                    s, z = scale[r, u, i * PER + k] * extra, zero[r, u, i * PER + k] * extra
-                    for tt in range(TILE):
-                        c = np.int32((src[tt] >> (3 * k)) & 7)
-                        row[tt] = (lut[c] if LUT else f32(c)) * s + z
-            return  # unpacked and dequantized
-        if TOKEN_MAJOR and not CHANNEL and BITS != 3 and scale.shape[2] == 1:
-            # one group per token (the default values): each token's bytes unpack straight into its
-            # dequantized row
-            for tt in range(n):
-                t = a0 + tt
-                s1, z1 = scale[r, t, 0] * extra, zero[r, t, 0] * extra
-                cu = codes[r, t]
-                for k in range(PER):
-                    seg = out[tt, k * words : (k + 1) * words]
-                    for i in range(words):
-                        c = (np.int32(cu[i]) >> (k * BITS)) & MASK
-                        seg[i] = (lut[c] if LUT else f32(c)) * s1 + z1
-            return
-        if TOKEN_MAJOR and not CHANNEL and BITS == 3 and scale.shape[2] == 1:
-            # the same for three-bit codes: the token's 24-bit words first (into tw's first row)
-            wv = tw[0]
+        if TOKEN_MAJOR and not CHANNEL and scale.shape[2] == 1:
+            # one group per token (the default values): each token's words staged (tw's first row),
+            # then unpacked straight into its dequantized row
+            wv = tw.reshape(tw.size)  # a token's words may outnumber a tile's tokens
             for tt in range(n):
                 t = a0 + tt
                 s1, z1 = scale[r, t, 0] * extra, zero[r, t, 0] * extra
                 cu = codes[r, t]
                 for i in range(words):
-                    wv[i] = np.uint32(cu[3 * i]) | (np.uint32(cu[3 * i + 1]) << 8) | (np.uint32(cu[3 * i + 2]) << 16)
+                    wv[i] = word(cu, 0, i)
                 for k in range(PER):
                     seg = out[tt, k * words : (k + 1) * words]
                     for i in range(words):
-                        c = np.int32((wv[i] >> (3 * k)) & 7)
+                        c = np.int32((wv[i] >> (k * BITS)) & MASK)
                         seg[i] = (lut[c] if LUT else f32(c)) * s1 + z1
             return
         held = d if TOKEN_MAJOR and CHANNEL else 0  # token-major per-channel units: the unit's scale, zero
@@ -106,11 +91,7 @@ def tile_loader(BITS, LUT, CHANNEL, TOKEN_MAJOR):
             o = (t - u * unit) * words * WB if CHANNEL else 0
             for k in range(PER):  # unpack one token's contiguous bytes
                 for i in range(words):
-                    if BITS == 3:
-                        w = np.int32(cu[o + 3 * i]) | (np.int32(cu[o + 3 * i + 1]) << 8) | (np.int32(cu[o + 3 * i + 2]) << 16)
-                        c = (w >> (3 * k)) & 7
-                    else:
-                        c = (np.int32(cu[o + i]) >> (k * BITS)) & MASK
+                    c = np.int32((word(cu, o, i) >> (k * BITS)) & MASK)
                     x = lut[c] if LUT else f32(c)
                     if TOKEN_MAJOR:
                         out[tt, k * words + i] = x
@@ -163,5 +144,5 @@ def tile_loader(BITS, LUT, CHANNEL, TOKEN_MAJOR):
                 for tt in range(n):
                     out[m, tt] = out[m, tt] * sv[g, tt] + zv[g, tt]
 
-    tagged(f"{BITS}_{int(LUT)}_{int(CHANNEL)}_{int(TOKEN_MAJOR)}", load)
+    tagged(f"{BITS}_{int(LUT)}_{int(CHANNEL)}_{int(TOKEN_MAJOR)}", word, load)
     return load
