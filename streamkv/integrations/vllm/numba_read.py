@@ -1,14 +1,18 @@
 """The compiled read (numba), imported by ``kernel.py`` on the first read only (never at import time:
 vLLM 0.32's CPU worker dies at start if numba is loaded; see ``kernel.py``).
 
-Every function is top-level so numba's on-disk cache keeps it across processes. ``read_<dim>_<kg>_<vg>``
-are the presets' slot layouts with their sizes as constants (their short code loops then unroll: 1.4x
-faster than with the sizes as arguments); ``read_any`` takes any layout. Each compiles on first use.
+:func:`reader` compiles one read per slot layout, its head dim and group sizes constants (the short
+per-group loops then unroll: 1.4x faster than with the sizes as arguments), on first use, kept on disk
+across processes like the engine's decode kernels (:mod:`streamkv.kv.kernels.disk_cache`).
 """
+
+from functools import lru_cache
 
 import numba
 import numpy as np
 
+from ...kv.kernels.disk_cache import on_disk, tagged
+from . import numba_formats
 from .numba_formats import half, narrow
 
 jit = numba.njit(inline="always", cache=True)
@@ -76,37 +80,17 @@ def job(cache, pages, out, k_offsets, v_offsets, j, kbits, kgroup, kcodes, vbits
         store_bf16(buf, rounded, region, v_offsets[t])
 
 
-@numba.njit(parallel=True, cache=True)
-def read_any(cache, pages, out, k_offsets, v_offsets, kbits, kgroup, kcodes, vbits, vgroup, vcodes, kbytes):
-    for j in numba.prange(pages.shape[0] * cache.shape[1]):
-        job(cache, pages, out, k_offsets, v_offsets, j, kbits, kgroup, kcodes, vbits, vgroup, vcodes, kbytes,
-            k_offsets.shape[1])
-
-
-@numba.njit(parallel=True, cache=True)
-def read_64_16_64(cache, pages, out, k_offsets, v_offsets, kbits, kgroup, kcodes, vbits, vgroup, vcodes, kbytes):
-    for j in numba.prange(pages.shape[0] * cache.shape[1]):
-        job(cache, pages, out, k_offsets, v_offsets, j, kbits, 16, kcodes, vbits, 64, vcodes, kbytes, 64)
-
-
-@numba.njit(parallel=True, cache=True)
-def read_64_32_64(cache, pages, out, k_offsets, v_offsets, kbits, kgroup, kcodes, vbits, vgroup, vcodes, kbytes):
-    for j in numba.prange(pages.shape[0] * cache.shape[1]):
-        job(cache, pages, out, k_offsets, v_offsets, j, kbits, 32, kcodes, vbits, 64, vcodes, kbytes, 64)
-
-
-@numba.njit(parallel=True, cache=True)
-def read_128_16_64(cache, pages, out, k_offsets, v_offsets, kbits, kgroup, kcodes, vbits, vgroup, vcodes, kbytes):
-    for j in numba.prange(pages.shape[0] * cache.shape[1]):
-        job(cache, pages, out, k_offsets, v_offsets, j, kbits, 16, kcodes, vbits, 64, vcodes, kbytes, 128)
-
-
-@numba.njit(parallel=True, cache=True)
-def read_128_32_64(cache, pages, out, k_offsets, v_offsets, kbits, kgroup, kcodes, vbits, vgroup, vcodes, kbytes):
-    for j in numba.prange(pages.shape[0] * cache.shape[1]):
-        job(cache, pages, out, k_offsets, v_offsets, j, kbits, 32, kcodes, vbits, 64, vcodes, kbytes, 128)
-
-
+@lru_cache(maxsize=None)
 def reader(dim: int, key_group: int, value_group: int):
-    """The compiled read for a slot layout."""
-    return globals().get(f"read_{dim}_{key_group}_{value_group}", read_any)
+    """The compiled read for a slot layout: ``read(cache, pages, out, k_offsets, v_offsets, kbits, kgroup,
+    kcodes, vbits, vgroup, vcodes, kbytes)`` with ``dim``, ``key_group`` and ``value_group`` fixed."""
+
+    @numba.njit(parallel=True)
+    def read(cache, pages, out, k_offsets, v_offsets, kbits, kgroup, kcodes, vbits, vgroup, vcodes, kbytes):
+        for j in numba.prange(pages.shape[0] * cache.shape[1]):
+            job(cache, pages, out, k_offsets, v_offsets, j, kbits, key_group, kcodes, vbits, value_group, vcodes,
+                kbytes, dim)
+
+    layout = (dim, key_group, value_group)
+    tagged("_".join(map(str, layout)), read)  # one symbol name per layout (see disk_cache)
+    return on_disk(read, ("vllm-read", *layout), (__file__, numba_formats.__file__))
