@@ -40,18 +40,23 @@ def test_layouts_compiled_in_two_processes_are_each_loaded_as_themselves(tmp_pat
     path = os.pathsep.join(filter(None, (os.path.dirname(__file__), os.environ.get("PYTHONPATH"))))  # its helpers
     env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path), "PYTHONPATH": path}
 
-    def decode(*names) -> tuple[int, int, bool]:
-        done = subprocess.run([sys.executable, "-c", DECODE, *names], env=env, capture_output=True, text=True)
-        assert done.returncode == 0, done.stderr[-3000:]
-        hits, misses, distinct = done.stdout.split()[-3:]
-        return int(hits), int(misses), distinct == "True"
+    def decode(*runs: tuple[str, ...]) -> list[tuple[int, int, bool]]:
+        """One process per run, side by side; each one's (hits, misses, distinct names)."""
+        procs = [subprocess.Popen([sys.executable, "-c", DECODE, *names], env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for names in runs]
+        out = []
+        for p in procs:
+            stdout, stderr = p.communicate()
+            assert p.returncode == 0, stderr[-3000:]
+            hits, misses, distinct = stdout.split()[-3:]
+            out.append((int(hits), int(misses), distinct == "True"))
+        return out
 
-    assert decode("4")[1] > 0  # compiles (and saves) what every layout shares
+    assert decode(("4",))[0][1] > 0  # compiles (and saves) what every layout shares
     # these two load that and compile only their own kernel, after the same steps: numba numbers their
     # functions alike, so without the layout in their names they would share them
-    assert decode("8")[1] > 0
-    assert decode("2")[1] > 0
-    hits, misses, distinct = decode("8", "2")
+    assert all(misses > 0 for _, misses, _ in decode(("8",), ("2",)))
+    [(hits, misses, distinct)] = decode(("8", "2"))
     assert hits >= 2 and misses == 0
     # whether one layout's code can stand in for the other's hangs on LLVM's inlining; distinct names
     # rule it out whatever it inlines
