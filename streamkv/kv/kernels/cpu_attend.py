@@ -239,6 +239,5 @@ def _build(KBITS, KLUT, KCH, VBITS, VLUT, VCH, KHAD, ROPE):
                     acc_out, accp_out)
         merge_chunks(m_out, l_out, acc_out, accp_out, vorder, rowlist, top[slot], l[slot], stored[slot], plain[slot])
 
-    tagged("_".join(str(int(x)) for x in (KBITS, KLUT, KCH, VBITS, VLUT, VCH, KHAD, ROPE)), exp_tile, fwht, first_at,
-           one_job, kernel)
+    tagged((KBITS, KLUT, KCH, VBITS, VLUT, VCH, KHAD, ROPE), exp_tile, fwht, first_at, one_job, kernel)
     return kernel

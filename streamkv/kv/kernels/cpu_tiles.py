@@ -144,5 +144,5 @@ def tile_loader(BITS, LUT, CHANNEL, TOKEN_MAJOR):
                 for tt in range(n):
                     out[m, tt] = out[m, tt] * sv[g, tt] + zv[g, tt]
 
-    tagged(f"{BITS}_{int(LUT)}_{int(CHANNEL)}_{int(TOKEN_MAJOR)}", word, load)
+    tagged((BITS, LUT, CHANNEL, TOKEN_MAJOR), word, load)
     return load

@@ -43,8 +43,10 @@ class _KeyedCache(FunctionCache):
         return (sig, codegen.magic_tuple(), (repr(self._key), _digest(self._sources)))
 
 
-def tagged(tag: str, *dispatchers) -> None:
-    """Append ``tag`` to the name of each of ``dispatchers`` (``njit`` closures not yet compiled)."""
+def tagged(layout: tuple, *dispatchers) -> None:
+    """Append ``layout`` (ints and bools) to the name of each of ``dispatchers`` (``njit`` closures not yet
+    compiled): ``kernel`` of layout ``(4, True, 0)`` becomes ``kernel_4_1_0``."""
+    tag = "_".join(str(int(x)) for x in layout)
     for d in dispatchers:
         d.py_func.__qualname__ = f"{d.py_func.__qualname__}_{tag}"
 
