@@ -7,7 +7,7 @@ pytest.importorskip("vllm.v1.attention.backends.cpu_attn")  # the vLLM venv only
 import torch
 
 from streamkv.integrations.vllm import presets
-from streamkv.integrations.vllm.codec import SlotCodec, layout
+from streamkv.integrations.vllm.codec import SlotCodec, by_token, layout
 
 
 @pytest.mark.parametrize("name,k,v", [("k8v8", 8, 8), ("k4v4", 4, 4), ("k8v4", 8, 4), ("k4v2", 4, 2), ("K2V2", 2, 2)])
@@ -77,18 +77,19 @@ def test_compiled_read_matches_the_torch_read_in_vllms_page_layout(k, v, isa):
     torch.manual_seed(0)
     pool = torch.zeros(pages_n + 2, 2, heads, block, codec.slot_bytes, dtype=torch.uint8)[:, 1]  # strided, as vLLM's
     x = torch.randn(2, pages_n * block, heads, 64) * 3
-    pool[:pages_n] = codec.encode(x[0], x[1]).view(pages_n, block, heads, -1).transpose(1, 2)
+    by_token(pool)[:pages_n] = codec.encode(x[0], x[1]).view(pages_n, block, heads, -1, 4).transpose(1, 2)
     pages = torch.tensor([3, 0, 4])
     fast = torch.empty(len(pages), heads, block, 128, dtype=torch.bfloat16)
     assert read_pages(codec, pool, pages, fast, isa)
     rows = torch.empty(2, len(pages) * block, heads, 64, dtype=torch.bfloat16)
-    codec.dequantize_into(pool[pages].transpose(1, 2).reshape(len(pages) * block, heads, -1), rows[0], rows[1])
+    packed = by_token(pool)[pages].transpose(1, 2).reshape(len(pages) * block, heads, -1)
+    codec.dequantize_into(packed, rows[0], rows[1])
     ref = torch.zeros_like(fast)
     kc, vc = ref.view(len(pages), heads, 2 * block, 64).chunk(2, dim=2)
     ops.cpu_attn_reshape_and_cache(rows[0], rows[1], kc, vc, torch.arange(len(pages) * block), isa, k_scale=1.0,
                                    v_scale=1.0, kv_cache_dtype="auto")
     assert torch.equal(fast, ref)
-    kr, _ = codec.decode(pool[pages].transpose(1, 2))  # and they are the stored tokens, rotated
+    kr, _ = codec.decode(by_token(pool)[pages].transpose(1, 2).flatten(-2))  # and they are the stored tokens, rotated
     assert torch.allclose(codec.rotate(kr), rows[0].view(len(pages), block, heads, 64).float(), atol=0.06)
 
 
@@ -119,6 +120,19 @@ def test_bits_outside_the_packable_widths():
         SlotCodec(64, 5, 4)
 
 
+def test_slots_are_whole_words_in_word_major_pages():
+    """A page holds word ``w`` of token ``t`` at word ``w * block + t``; a slot that is not whole words
+    is refused."""
+    with pytest.raises(ValueError, match="head_size=16 packs its keys into 10 bytes"):
+        SlotCodec(16, 3, 4, 16, 16)
+    codec, block = layout(64, 4, 4), 8
+    pool = torch.zeros(2, 3, block, codec.slot_bytes, dtype=torch.uint8)
+    slots = codec.encode(torch.randn(block, 3, 64), torch.randn(block, 3, 64))
+    by_token(pool)[1] = slots.view(block, 3, -1, 4).transpose(0, 1)
+    words = pool[1, 2].view(-1, 4)  # (words * block, 4) in page order
+    assert torch.equal(words.view(-1, block, 4).transpose(0, 1).flatten(1), slots[:, 2])
+
+
 def test_register_is_a_no_op_without_the_variable(monkeypatch):
     from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
@@ -134,7 +148,7 @@ def test_register_is_a_no_op_without_the_variable(monkeypatch):
 def _history(codec, pool, table, past):
     """Keys and values ``(past, heads, head_dim)`` (float32, un-rotated) a sequence stored in its pages."""
     t = torch.arange(int(past))
-    return codec.decode(pool[table[t // pool.shape[2]].long(), :, t % pool.shape[2]])
+    return codec.decode(by_token(pool)[table[t // pool.shape[2]].long(), :, t % pool.shape[2]].flatten(-2))
 
 
 def _attention(q, k, v, scale):
@@ -159,7 +173,7 @@ def test_fused_decode_matches_float64_attention_over_the_decoded_slots(k, v, dty
     torch.manual_seed(0)
     pool = torch.zeros(9, 2, kv_heads, block, codec.slot_bytes, dtype=torch.uint8)[:, 1]  # strided, as vLLM's
     x = torch.randn(2, 9 * block, kv_heads, d) * 3 + torch.randn(2, 1, kv_heads, d)
-    pool[:] = codec.encode(x[0], x[1]).view(9, block, kv_heads, -1).transpose(1, 2)
+    by_token(pool)[:] = codec.encode(x[0], x[1]).view(9, block, kv_heads, -1, 4).transpose(1, 2)
     past = torch.tensor([300, 1, 0, 129, 256, 128])  # pages: partial last, one token, none, just over, exact
     table = torch.tensor([[7, 2, 5, 0], [4, 0, 0, 0], [0, 0, 0, 0], [1, 8, 0, 0], [3, 6, 0, 0], [2, 0, 0, 0]],
                          dtype=torch.int32)
@@ -195,13 +209,13 @@ def test_the_compiled_store_writes_the_codecs_slots(k, v, dtype):
     pool = torch.zeros(5, 2, 3, 128, codec.slot_bytes, dtype=torch.uint8)[:, 1]  # strided, as vLLM's
     slots = torch.randperm(5 * 128)[:300]
     assert store(codec, key, value, pool, slots)
-    got, ref = pool[slots // 128, :, slots % 128], codec.encode(key, value)
+    got, ref = by_token(pool)[slots // 128, :, slots % 128].flatten(-2), codec.encode(key, value)
     assert (got == ref).float().mean() > 0.999  # the same arithmetic; only the rotation's summation order differs
     (kg, vg), (kr, vr) = codec.decode(got), codec.decode(ref)
     assert (kg - kr).abs().max() <= 0.5 and (vg - vr).abs().max() <= 0.5  # and then by at most a step or so
     rest = torch.ones(5 * 128, dtype=torch.bool)
     rest[slots] = False
-    assert not bool(pool.transpose(1, 2).reshape(-1, 3, codec.slot_bytes)[rest].any())  # nothing elsewhere
+    assert not bool(by_token(pool).transpose(1, 2).reshape(-1, 3, codec.slot_bytes)[rest].any())  # nothing elsewhere
 
 
 def test_a_mixed_step_splits_decodes_from_prefill_chunks(monkeypatch):

@@ -13,7 +13,8 @@ for :class:`~streamkv.integrations.vllm.backend.StreamKVAttentionBackend` (on th
 
 Modules: ``presets`` (the variables), ``codec`` (the slot format; the only user of the engine),
 ``backend`` (vLLM's backend API), ``plan`` (what a step reads: fused decodes, dense prefill chunks),
-``kernel`` (launches the compiled ``numba_encode``, ``numba_read`` and ``numba_decode``), ``edge`` (per-layer pages).
+``kernel`` (launches the compiled ``numba_encode``, ``numba_read`` and ``numba_decode``, which share
+``numba_pages`` and ``numba_formats``), ``edge`` (per-layer pages).
 Nothing imports numba before the first forward (vLLM 0.32's CPU worker dies if numba is loaded before
 it starts): the codec needs the engine's storage modules only.
 """

@@ -37,7 +37,7 @@ import torch
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
 from vllm.v1.kv_cache_interface import AttentionSpec, KVQuantMode
 
-from .codec import ConfigError, SlotCodec, layout
+from .codec import WORD, ConfigError, SlotCodec, by_token, layout
 from .kernel import decode, read_pages, store
 from .plan import Dense, StepPlan
 from .presets import ENV, Preset, from_env
@@ -129,7 +129,8 @@ class StreamKVAttentionImpl(CPUAttentionBackendImpl):
             return
         if not store(self.codec, key, value, kv_cache, slots):  # without numba: torch ops
             block_size = kv_cache.shape[2]
-            kv_cache[slots // block_size, :, slots % block_size] = self.codec.encode(key, value)
+            slot_words = self.codec.encode(key, value).unflatten(-1, (-1, WORD))
+            by_token(kv_cache)[slots // block_size, :, slots % block_size] = slot_words
         StreamKVAttentionImpl.calls["update"] += 1
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
@@ -181,7 +182,7 @@ class StreamKVAttentionImpl(CPUAttentionBackendImpl):
         else:  # without numba: torch ops into token rows, then vLLM's own store
             tokens = len(dense.pages) * block_size
             k_rot, v_rot = (plan.buffer(x, (tokens, heads, d), dtype) for x in "kv")
-            packed = kv_cache.index_select(0, dense.pages).transpose(1, 2).reshape(tokens, heads, -1)
+            packed = by_token(kv_cache).index_select(0, dense.pages).transpose(1, 2).reshape(tokens, heads, -1)
             self.codec.dequantize_into(packed, k_rot, v_rot)  # the unused tails are never attended
             k_rot[dense.new_slots], v_rot[dense.new_slots] = k_new, v_new
             super().do_kv_cache_update(layer, k_rot, v_rot, scratch, torch.arange(tokens))

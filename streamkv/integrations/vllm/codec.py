@@ -11,6 +11,12 @@ channel no longer sets every group's range), then min-max quantized in per-token
 moment vLLM stores it. The read path keeps them rotated: ``(qH)·(kH) = q·k`` and the attention output
 of rotated values is the output times H, so a forward rotates its queries and un-rotates its output
 once instead of rotating back every history token (:meth:`SlotCodec.dequantize_into`).
+
+A page (one KV head's ``block`` slots in vLLM's ``(pages, heads, block, slot_bytes)`` uint8 tensor)
+holds its slots word-major: 32-bit word ``w`` of token ``t`` is word ``w * block + t`` of the page, so
+one word of every token of a page is one contiguous row. Why: the compiled decode and read take a page
+row by row, every loop running along its tokens; token-major pages had to be transposed first.
+:func:`by_token` is the page set seen slot by slot, for code that handles whole slots.
 """
 
 from __future__ import annotations
@@ -26,7 +32,8 @@ from streamkv.kv.storage.packing import packed_size, unpack
 from streamkv.kv.transforms.hadamard import hadamard
 
 BITS = (2, 3, 4, 8)
-__all__ = ["BITS", "MIN_SCALE", "ConfigError", "SlotCodec", "layout"]
+WORD = 4  # bytes: the unit of a page's word-major order (every slot size is a multiple of it)
+__all__ = ["BITS", "MIN_SCALE", "WORD", "ConfigError", "SlotCodec", "by_token", "layout"]
 
 
 @dataclass(frozen=True)
@@ -49,6 +56,10 @@ class SlotCodec:
                 f"streamkv's vLLM backend needs a power-of-two head size that is a multiple of {g} "
                 f"(Hadamard rotation, {g}-channel groups); this model has head_size={d}"
             )
+        for name, n in (("keys", self.key_bytes), ("values", self.slot_bytes - self.key_bytes)):
+            if n % WORD:  # only 3-bit codes of 16 channels
+                raise ConfigError(f"head_size={d} packs its {name} into {n} bytes, not whole {WORD}-byte words; "
+                                  f"choose other bits or a head size of 32 or more")
 
     def code_bytes(self, bits: int) -> int:
         """Bytes of one token's packed codes in one head."""
@@ -121,3 +132,17 @@ def layout(head_dim: int, key_bits: int, value_bits: int) -> SlotCodec:
     one group per head. The comparison that chose this is in docs/serving.md.
     """
     return SlotCodec(head_dim, key_bits, value_bits, 32 if key_bits == 8 else 16, min(64, head_dim))
+
+
+def by_token(pages: torch.Tensor) -> torch.Tensor:
+    """vLLM's page set ``(pages, heads, block, slot_bytes)`` (uint8, word-major pages, see the module
+    docstring) as a view indexed by token: ``(pages, heads, block, slot_bytes // WORD, WORD)``, whose
+    ``[page, head, t]`` is token ``t``'s slot (its last two dims flattened: :meth:`SlotCodec.encode`'s
+    bytes)."""
+    n, heads, block, size = pages.shape
+    st = pages.stride()
+    if st[2:] != (size, 1) or size % WORD:
+        raise ValueError(f"a page set with whole contiguous pages of {WORD}-byte words expected; got shape "
+                         f"{tuple(pages.shape)}, strides {st}")
+    return pages.as_strided((n, heads, block, size // WORD, WORD), (st[0], st[1], WORD, WORD * block, 1),
+                            pages.storage_offset())

@@ -14,9 +14,9 @@
 All are imported on first use, after vLLM's workers have started: vLLM 0.32's CPU worker scans every
 loaded module at start and dies on llvmlite's library object, whose ``__getattr__`` answers dunder
 names; :func:`_guard_llvmlite` makes those raise, so a second engine in the same process starts too.
-Each compiles once per machine and layout (~15-60 s; numba's on-disk cache). Without numba the slots
-are written and read by torch ops (``codec.encode``, ``codec.dequantize_into``) and one-token queries
-take the read path too.
+Each is one entry for every slot layout, compiled once per machine (~15-60 s; numba's on-disk cache).
+Without numba the slots are written and read by torch ops (``codec.encode``, ``codec.dequantize_into``)
+and one-token queries take the read path too.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from importlib import import_module
 import numpy as np
 import torch
 
-from .codec import MIN_SCALE
+from .codec import MIN_SCALE, by_token
 
 _NUMBA: dict = {}  # module name -> the compiled module, or None when numba is not installed
 
@@ -56,12 +56,6 @@ def _compiled(name: str):
             _NUMBA[name] = None
         _guard_llvmlite()
     return _NUMBA[name]
-
-
-def kernel(codec):
-    """The compiled read for ``codec``'s slot layout, or None where numba is not installed."""
-    m = _compiled("numba_read")
-    return m and m.reader(codec.head_dim, codec.key_group, codec.value_group)
 
 
 def encoder():
@@ -103,14 +97,13 @@ def read_pages(codec, kv_cache: torch.Tensor, pages: torch.Tensor, out: torch.Te
     """Fill ``out`` (bf16 ``(len(pages), heads, block, 2 * head_dim)``, vLLM's page layout for ``isa``)
     with the rotated keys and values of the packed slots of ``kv_cache[pages]``; False (nothing done)
     where numba is missing or ``out`` is not bf16."""
-    f = kernel(codec) if out.dtype == torch.bfloat16 else None
-    if f is None:
+    m = _compiled("numba_read") if out.dtype == torch.bfloat16 else None
+    if m is None:
         return False
     c, block = codec, kv_cache.shape[2]
-    k_off, v_off = page_layout(isa, block, c.head_dim)
-    f(kv_cache.numpy(), pages.numpy(), out.view(torch.int16).view(-1, block * 2 * c.head_dim).numpy().view(np.uint16),
-      k_off, v_off, c.key_bits, c.key_group, c.code_bytes(c.key_bits), c.value_bits, c.value_group,
-      c.code_bytes(c.value_bits), c.key_bytes)
+    rows = out.view(torch.int16).view(-1, block * 2 * c.head_dim).numpy().view(np.uint16)
+    m.read(*_flat(kv_cache, np.uint32), pages.numpy(), rows, *lane_offsets(isa, block, c), c.key_bits, c.key_group,
+           c.value_bits, c.value_group, c.key_bytes // 4)
     return True
 
 
@@ -120,6 +113,15 @@ def lanes(bits: int, dim: int) -> np.ndarray:
     per = 32 // bits if bits != 3 else 1
     lane = np.arange(dim)
     return (lane % (dim // per)) * per + lane // (dim // per)
+
+
+@cache
+def lane_offsets(isa: str, block: int, codec) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`page_layout`'s offsets as ``(lanes, block)``, in the lane order of ``codec``'s key and value
+    codes: where the compiled read puts each lane of its tiles."""
+    k_off, v_off = page_layout(isa, block, codec.head_dim)
+    return tuple(np.ascontiguousarray(o[:, lanes(bits, codec.head_dim)].T)
+                 for o, bits in ((k_off, codec.key_bits), (v_off, codec.value_bits)))
 
 
 @cache
@@ -141,13 +143,15 @@ def _rows(x: torch.Tensor, heads: int) -> np.ndarray | None:
 
 
 def _flat(pages: torch.Tensor, unit: type = np.uint8) -> tuple[np.ndarray, np.ndarray]:
-    """The bytes ``pages`` (``(pages, heads, block, slot_bytes)`` uint8, strided as vLLM's) spans, as one
-    flat array of ``unit``s, and its geometry in those units: page, head and token strides, the page's
-    tokens, a slot's units. Contiguous 32-bit words are what let the decode's unpacking vectorize."""
+    """The bytes ``pages`` (``(pages, heads, block, slot_bytes)`` uint8, strided as vLLM's, word-major pages:
+    see ``codec.py``) spans, as one flat array of ``unit``s, and its geometry in those units: page and head
+    strides, the page's tokens, a slot's units. Contiguous 32-bit words are what let the decode's
+    unpacking vectorize."""
+    by_token(pages)  # checks each page is whole and contiguous
     span = sum((n - 1) * st for n, st in zip(pages.shape, pages.stride())) + 1
     size = np.dtype(unit).itemsize
     flat = pages.as_strided((span,), (1,)).numpy().view(unit)
-    return flat, np.array([*(st // size for st in pages.stride()[:3]), pages.shape[2], pages.shape[3] // size])
+    return flat, np.array([*(st // size for st in pages.stride()[:2]), pages.shape[2], pages.shape[3] // size])
 
 
 def store(codec, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slots: torch.Tensor) -> bool:

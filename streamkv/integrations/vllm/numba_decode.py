@@ -8,81 +8,26 @@ at a time, for all the GQA query heads of that KV head:
 
 * the queries are rotated into the slots' Hadamard domain in the job (``q Hk``, scaled), and the
   output rotated back at its end (``Hvᵀ``): no torch op runs around the kernel;
-* codes are unpacked by 32-bit word: lane ``kk * words + w`` holds code ``kk`` of word ``w``;
-  ``Hk``/``Hv`` are the Hadamard matrix with its columns in that lane order, so nothing is
-  re-interleaved;
-* a page's slots are gathered word by word into a (words x tokens) block, so every later loop runs
-  along the page's tokens; its keys are dequantized into a float32 (lanes x tokens) tile and scored
-  against each query head, its softmax is online across pages and exact within one (float32
-  throughout, a polynomial ``exp``), its values are dequantized into the same tile and accumulated;
+* a page is read as it is stored, word-major, and dequantized along its tokens into a float32
+  (lanes x tokens) tile (``numba_pages.py``; ``Hk``/``Hv`` are the Hadamard matrix with its columns
+  in that lane order, so nothing is re-interleaved): its keys scored against each query head, its
+  softmax online across pages and exact within one (float32 throughout, a polynomial ``exp``), its
+  values dequantized into the same tile and accumulated;
 * the step's own key and value last, at full precision (the chunked-prefill rule), un-rotated: the
   rotation is orthonormal, so ``q·k`` and ``p v`` need none.
 
-fp16 scales and zeros are widened without branches (``numba_formats.half_scaled_bits``).
 Every function is top-level (numba's on-disk cache). One entry serves every layout: with the loops
-running along tokens, the presets' sizes as constants (as ``numba_read.py`` has them) measured no faster.
+running along tokens, the sizes as compile-time constants measured no faster.
 """
 
 import numba
 import numpy as np
 
-from .numba_formats import HALF_SCALE, half_scaled_bits, narrow, widen
+from .numba_formats import narrow, widen
+from .numba_pages import dequant, page
 
 jit = numba.njit(inline="always", cache=True, fastmath=True)
 LOW = np.float32(-3.0e38)  # the running max before any score (finite: fastmath assumes no infinities)
-
-
-@jit
-def meta(tw, at, ng, nt, gs, gz):  # the fp16 (scale, zero) of ng groups (one 32-bit word each) from row tw[at]
-    sb, zb = gs.view(np.uint32), gz.view(np.uint32)
-    for gi in range(ng):
-        for t in range(nt):  # little-endian: scale in the low half, zero in the high half
-            w = tw[at + gi, t]
-            sb[gi, t], zb[gi, t] = half_scaled_bits(w), half_scaled_bits(w >> np.uint32(16))
-        for t in range(nt):
-            gs[gi, t] *= HALF_SCALE
-            gz[gi, t] *= HALF_SCALE
-
-
-@jit
-def dequant(tw, at, bits, group, nt, gs, gz, tile):
-    """A page's keys (or values) of one head, whose 32-bit words are rows ``tw[at:]`` (one column per
-    token), into ``tile`` (lanes x tokens). Lane ``kk * words + w`` holds code ``kk`` of word ``w``, i.e.
-    channel ``w * per + kk``; a word's codes are all in one group. Every inner loop runs over tokens;
-    each width is its own branch, so its shifts and masks are constants."""
-    if bits == 4:
-        dequant_width(tw, at, 4, group, nt, gs, gz, tile)
-    elif bits == 8:
-        dequant_width(tw, at, 8, group, nt, gs, gz, tile)
-    elif bits == 2:
-        dequant_width(tw, at, 2, group, nt, gs, gz, tile)
-    else:
-        dequant_width(tw, at, 3, group, nt, gs, gz, tile)
-
-
-@jit
-def dequant_width(tw, at, bits, group, nt, gs, gz, tile):
-    dim = tile.shape[0]
-    if bits == 3:  # codes cross words: natural order, bit 3i of the stream
-        meta(tw, at + 3 * dim // 32, dim // group, nt, gs, gz)
-        for i in range(dim):
-            wi, o = at + ((3 * i) >> 5), np.uint32((3 * i) & 31)
-            gi = i // group
-            for t in range(nt):
-                x = tw[wi, t] >> o
-                if o > 29:
-                    x |= tw[wi + 1, t] << (np.uint32(32) - o)
-                tile[i, t] = np.float32(np.int32(x & np.uint32(7))) * gs[gi, t] + gz[gi, t]
-        return
-    per, mask = 32 // bits, np.uint32((1 << bits) - 1)
-    words = dim // per
-    meta(tw, at + words, dim // group, nt, gs, gz)
-    for w in range(words):
-        gi = w // (group // per)
-        for kk in range(per):
-            sh, lane = np.uint32(kk * bits), kk * words + w
-            for t in range(nt):
-                tile[lane, t] = np.float32(np.int32((tw[at + w, t] >> sh) & mask)) * gs[gi, t] + gz[gi, t]
 
 
 @jit
@@ -108,7 +53,7 @@ def exp_into(x, m, n):
 def job(cache, geo, table, past, rows, q, k_own, v_own, out, hk, hvt, scale, j, kbits, kgroup, vbits, vgroup,
         kwords, dim):
     """Sequence ``j // heads`` (step row ``rows[s]``), KV head ``j % heads``: its query heads' output."""
-    heads, block, sw = k_own.shape[1], geo[3], geo[4]
+    heads, block, sw = k_own.shape[1], geo[2], geo[3]
     s, h = j // heads, j % heads
     r, g = rows[s], q.shape[1] // heads
     x, own_k, own_v = np.empty(dim, np.float32), np.empty(dim, np.float32), np.empty(dim, np.float32)
@@ -125,7 +70,6 @@ def job(cache, geo, table, past, rows, q, k_own, v_own, out, hk, hvt, scale, j, 
             for c in range(dim):
                 qr[a, c] += xi * hk[i, c]
         own[a] = y * np.float32(scale)
-    tw = np.empty((sw, block), np.uint32)  # one page's slots, word by word (a column per token)
     tile = np.empty((dim, block), np.float32)  # its keys, then its values (a row per lane)
     ng = dim // min(kgroup, vgroup)
     gs, gz = np.empty((ng, block), np.float32), np.empty((ng, block), np.float32)  # scale, zero per group
@@ -135,12 +79,8 @@ def job(cache, geo, table, past, rows, q, k_own, v_own, out, hk, hvt, scale, j, 
     total = np.zeros(g, np.float32)  # running Σ p
     n = past[s]
     for b0 in range(0, n, block):
-        page, nt = table[s, b0 // block], min(block, n - b0)
-        base = page * geo[0] + h * geo[1]
-        for t in range(nt):
-            at = base + t * geo[2]
-            for w in range(sw):
-                tw[w, t] = cache[at + w]
+        nt = min(block, n - b0)
+        tw = page(cache, geo, table[s, b0 // block], h, sw)
         dequant(tw, 0, kbits, kgroup, nt, gs, gz, tile)
         for a in range(g):
             for t in range(nt):
