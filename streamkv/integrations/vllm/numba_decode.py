@@ -8,11 +8,12 @@ at a time, for all the GQA query heads of that KV head:
 
 * the queries are rotated into the slots' Hadamard domain in the job (``q Hk``, scaled), and the
   output rotated back at its end (``Hvᵀ``): no torch op runs around the kernel;
-* a page is read as it is stored, word-major, and dequantized along its tokens into a float32
-  (lanes x tokens) tile (``numba_pages.py``; ``Hk``/``Hv`` are the Hadamard matrix with its columns
-  in that lane order, so nothing is re-interleaved): its keys scored against each query head, its
-  softmax online across pages and exact within one (float32 throughout, a polynomial ``exp``), its
-  values dequantized into the same tile and accumulated;
+* a page is read as it is stored, word-major, every loop along its tokens (``Hk``/``Hv`` are the
+  Hadamard matrix with its columns in the codes' lane order, ``numba_pages.py``, so nothing is
+  re-interleaved): its keys scored against each query head straight from their words (:func:`scores`;
+  3-bit keys, whose codes cross words, through a dequantized tile), its softmax online across pages
+  and exact within one (float32 throughout, a polynomial ``exp``), its values dequantized into a
+  float32 (lanes x tokens) tile and accumulated;
 * the step's own key and value last, at full precision (the chunked-prefill rule), un-rotated: the
   rotation is orthonormal, so ``q·k`` and ``p v`` need none.
 
@@ -24,10 +25,45 @@ import numba
 import numpy as np
 
 from .numba_formats import narrow, widen
-from .numba_pages import dequant, page
+from .numba_pages import dequant, meta, page
 
 jit = numba.njit(inline="always", cache=True, fastmath=True)
 LOW = np.float32(-3.0e38)  # the running max before any score (finite: fastmath assumes no infinities)
+
+
+@jit
+def scores(tw, bits, group, nt, gs, gz, qr, qz, p):
+    """``p[a, :nt]``: query ``a``'s scores of a page's keys read straight from their words (2, 4 or 8
+    bits; ``qz[a, w]``: the sum of ``qr[a]`` over word ``w``'s lanes). A word's codes share one group, so
+    ``q·k = scale · Σ q·code + zero · Σ q`` per word, and the key is never written out as floats: each
+    word is loaded once per query and unpacked in registers (its ``per`` codes unrolled, the loop runs
+    along tokens)."""
+    if bits == 4:
+        scores_width(tw, 4, group, nt, gs, gz, qr, qz, p)
+    elif bits == 8:
+        scores_width(tw, 8, group, nt, gs, gz, qr, qz, p)
+    else:
+        scores_width(tw, 2, group, nt, gs, gz, qr, qz, p)
+
+
+@jit
+def scores_width(tw, bits, group, nt, gs, gz, qr, qz, p):
+    per, mask = 32 // bits, np.uint32((1 << bits) - 1)
+    dim = qr.shape[1]
+    words = dim // per
+    meta(tw, words, dim // group, nt, gs, gz)
+    for a in range(qr.shape[0]):
+        for t in range(nt):
+            p[a, t] = 0
+        for w in range(words):
+            gi = w // (group // per)
+            qzw = qz[a, w]
+            for t in range(nt):
+                x = tw[w, t]
+                y = np.float32(0)
+                for kk in range(per):
+                    y += qr[a, kk * words + w] * np.float32(np.int32((x >> np.uint32(kk * bits)) & mask))
+                p[a, t] += gs[gi, t] * y + gz[gi, t] * qzw
 
 
 @jit
@@ -71,6 +107,13 @@ def job(cache, geo, table, past, rows, q, k_own, v_own, out, hk, hvt, scale, j, 
                 qr[a, c] += xi * hk[i, c]
         own[a] = y * np.float32(scale)
     tile = np.empty((dim, block), np.float32)  # its keys, then its values (a row per lane)
+    kper = 32 // kbits if kbits != 3 else 1
+    kw = dim // kper
+    qz = np.zeros((g, kw), np.float32)  # each query's sum over the lanes of each key word
+    for a in range(g):
+        for kk in range(kper):
+            for w in range(kw):
+                qz[a, w] += qr[a, kk * kw + w]
     ng = dim // min(kgroup, vgroup)
     gs, gz = np.empty((ng, block), np.float32), np.empty((ng, block), np.float32)  # scale, zero per group
     p = np.empty((g, block), np.float32)  # the page's scores, then its weights
@@ -81,14 +124,18 @@ def job(cache, geo, table, past, rows, q, k_own, v_own, out, hk, hvt, scale, j, 
     for b0 in range(0, n, block):
         nt = min(block, n - b0)
         tw = page(cache, geo, table[s, b0 // block], h, sw)
-        dequant(tw, 0, kbits, kgroup, nt, gs, gz, tile)
-        for a in range(g):
-            for t in range(nt):
-                p[a, t] = 0
-            for c in range(dim):
-                qc = qr[a, c]
+        if kbits == 3:  # codes cross words: dequantized into the tile first
+            dequant(tw, 0, kbits, kgroup, nt, gs, gz, tile)
+            for a in range(g):
                 for t in range(nt):
-                    p[a, t] += qc * tile[c, t]
+                    p[a, t] = 0
+                for c in range(dim):
+                    qc = qr[a, c]
+                    for t in range(nt):
+                        p[a, t] += qc * tile[c, t]
+        else:
+            scores(tw, kbits, kgroup, nt, gs, gz, qr, qz, p)
+        for a in range(g):
             m = top[a]
             for t in range(nt):
                 m = max(m, p[a, t])
