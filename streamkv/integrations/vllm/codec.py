@@ -33,7 +33,7 @@ from streamkv.kv.transforms.hadamard import hadamard
 
 BITS = (2, 3, 4, 8)
 WORD = 4  # bytes: the unit of a page's word-major order (every slot size is a multiple of it)
-__all__ = ["BITS", "MIN_SCALE", "WORD", "ConfigError", "SlotCodec", "by_token", "layout"]
+__all__ = ["BITS", "MIN_SCALE", "WORD", "ConfigError", "SlotCodec", "by_token", "check_pages", "layout"]
 
 
 @dataclass(frozen=True)
@@ -134,15 +134,22 @@ def layout(head_dim: int, key_bits: int, value_bits: int) -> SlotCodec:
     return SlotCodec(head_dim, key_bits, value_bits, 32 if key_bits == 8 else 16, min(64, head_dim))
 
 
+def check_pages(pages: torch.Tensor) -> None:
+    """Raise unless each (page, head) of ``pages`` (``(pages, heads, block, slot_bytes)``) is one contiguous
+    run of whole ``WORD``-byte words, which the word-major order needs."""
+    size = pages.shape[3]
+    if pages.stride()[2:] != (size, 1) or size % WORD:
+        raise ValueError(f"a page set with whole contiguous pages of {WORD}-byte words expected; got shape "
+                         f"{tuple(pages.shape)}, strides {pages.stride()}")
+
+
 def by_token(pages: torch.Tensor) -> torch.Tensor:
     """vLLM's page set ``(pages, heads, block, slot_bytes)`` (uint8, word-major pages, see the module
     docstring) as a view indexed by token: ``(pages, heads, block, slot_bytes // WORD, WORD)``, whose
     ``[page, head, t]`` is token ``t``'s slot (its last two dims flattened: :meth:`SlotCodec.encode`'s
     bytes)."""
+    check_pages(pages)
     n, heads, block, size = pages.shape
     st = pages.stride()
-    if st[2:] != (size, 1) or size % WORD:
-        raise ValueError(f"a page set with whole contiguous pages of {WORD}-byte words expected; got shape "
-                         f"{tuple(pages.shape)}, strides {st}")
     return pages.as_strided((n, heads, block, size // WORD, WORD), (st[0], st[1], WORD, WORD * block, 1),
                             pages.storage_offset())

@@ -28,7 +28,7 @@ from importlib import import_module
 import numpy as np
 import torch
 
-from .codec import MIN_SCALE, by_token
+from .codec import MIN_SCALE, check_pages
 
 _NUMBA: dict = {}  # module name -> the compiled module, or None when numba is not installed
 
@@ -147,7 +147,7 @@ def _flat(pages: torch.Tensor, unit: type = np.uint8) -> tuple[np.ndarray, np.nd
     see ``codec.py``) spans, as one flat array of ``unit``s, and its geometry in those units: page and head
     strides, the page's tokens, a slot's units. Contiguous 32-bit words are what let the decode's
     unpacking vectorize."""
-    by_token(pages)  # checks each page is whole and contiguous
+    check_pages(pages)
     span = sum((n - 1) * st for n, st in zip(pages.shape, pages.stride())) + 1
     size = np.dtype(unit).itemsize
     flat = pages.as_strided((span,), (1,)).numpy().view(unit)

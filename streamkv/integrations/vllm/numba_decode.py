@@ -25,7 +25,7 @@ import numba
 import numpy as np
 
 from .numba_formats import narrow, widen
-from .numba_pages import dequant, meta, page
+from .numba_pages import code, dequant, meta, page
 
 jit = numba.njit(inline="always", cache=True, fastmath=True)
 LOW = np.float32(-3.0e38)  # the running max before any score (finite: fastmath assumes no infinities)
@@ -48,7 +48,7 @@ def scores(tw, bits, group, nt, gs, gz, qr, qz, p):
 
 @jit
 def scores_width(tw, bits, group, nt, gs, gz, qr, qz, p):
-    per, mask = 32 // bits, np.uint32((1 << bits) - 1)
+    per = 32 // bits
     dim = qr.shape[1]
     words = dim // per
     meta(tw, words, dim // group, nt, gs, gz)
@@ -62,7 +62,7 @@ def scores_width(tw, bits, group, nt, gs, gz, qr, qz, p):
                 x = tw[w, t]
                 y = np.float32(0)
                 for kk in range(per):
-                    y += qr[a, kk * words + w] * np.float32(np.int32((x >> np.uint32(kk * bits)) & mask))
+                    y += qr[a, kk * words + w] * code(x, kk, bits)
                 p[a, t] += gs[gi, t] * y + gz[gi, t] * qzw
 
 

@@ -29,6 +29,12 @@ def meta(tw, at, ng, nt, gs, gz):  # the fp16 (scale, zero) of ng groups (one 32
 
 
 @jit
+def code(x, kk, bits):
+    """Code ``kk`` of 32-bit word ``x`` (``bits`` of 2, 4 or 8 wide), as float32."""
+    return np.float32(np.int32((x >> np.uint32(kk * bits)) & np.uint32((1 << bits) - 1)))
+
+
+@jit
 def dequant(tw, at, bits, group, nt, gs, gz, tile):
     """Tokens ``:nt`` of a page's keys (or values) of one head, whose 32-bit words are rows ``tw[at:]`` (one
     column per token), into ``tile`` (lanes x tokens; ``gs``/``gz`` scratch of (groups, tokens)). Each
@@ -57,15 +63,15 @@ def dequant_width(tw, at, bits, group, nt, gs, gz, tile):
                     x |= tw[wi + 1, t] << (np.uint32(32) - o)
                 tile[i, t] = np.float32(np.int32(x & np.uint32(7))) * gs[gi, t] + gz[gi, t]
         return
-    per, mask = 32 // bits, np.uint32((1 << bits) - 1)
+    per = 32 // bits
     words = dim // per
     meta(tw, at + words, dim // group, nt, gs, gz)
     for w in range(words):
         gi = w // (group // per)
         for kk in range(per):
-            sh, lane = np.uint32(kk * bits), kk * words + w
+            lane = kk * words + w
             for t in range(nt):
-                tile[lane, t] = np.float32(np.int32((tw[at + w, t] >> sh) & mask)) * gs[gi, t] + gz[gi, t]
+                tile[lane, t] = code(tw[at + w, t], kk, bits) * gs[gi, t] + gz[gi, t]
 
 
 @jit
