@@ -4,6 +4,7 @@ Runs in the vLLM venv (``bash tools/vllm_env.sh``; no Hydra there, so plain opti
 
     python -m runners.serve_bench                                   # everything (~40 min on 2 cores)
     python -m runners.serve_bench --configs bf16,k4v4 --skip serve  # capacity and quality only
+    python -m runners.serve_bench --skip quality --repeats 2       # serving runs twice each (ABC CBA), fastest kept
 
 Per configuration (stock bf16, vLLM's fp8 cache, the plugin's presets), on the embedded model: KV
 blocks from the same budget, perplexity / KL / top-1 / greedy tokens on the README protocol through
@@ -47,6 +48,7 @@ def options(argv: list[str]) -> argparse.Namespace:
     add("--serve-chunk", type=int, default=1024)
     add("--serve-kv-mib", type=int, default=256, help="KV budget of the capacity-bound run")
     add("--free-kv-mib", type=int, default=1024, help="KV budget where every request fits")
+    add("--repeats", type=int, default=1, help="runs of each serving configuration (ABC CBA order; the fastest kept)")
     add("--timeout", type=int, default=3600, help="seconds per subprocess")
     return ap.parse_args(argv)
 
@@ -59,6 +61,9 @@ def main(argv: list[str]) -> int:
     if not (Path(a.model) / "config.json").is_file():
         print(f"error: --model {a.model} is not a model directory (python -m streamkv.lab.models.embedded)",
               file=sys.stderr)
+        return 2
+    if a.repeats < 1:
+        print(f"error: --repeats {a.repeats}: runs of each serving configuration, at least 1", file=sys.stderr)
         return 2
     opts = {k: v for k, v in vars(a).items() if k != "out"}
     command = "python -m runners.serve_bench " + " ".join(shlex.quote(x) for x in argv)

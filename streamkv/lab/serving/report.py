@@ -25,9 +25,19 @@ def quality_table(q: dict) -> list[str]:
     return out
 
 
+def _repeats(args: dict) -> str:
+    n = args.get("repeats", 1)
+    return f"; the fastest of {n} runs each, configurations in order then reversed" if n > 1 else ""
+
+
+def _seconds(r: dict) -> str:
+    each = r.get("seconds_each", [])
+    return f"{r['seconds']:.1f}" + (f" ({' / '.join(f'{s:.1f}' for s in each)})" if len(each) > 1 else "")
+
+
 def serve_table(name: str, runs: dict, args: dict) -> list[str]:
     out = ["", f"Serving, {name}: {args['requests']} requests x ({args['prompt']} prompt + {args['output']} output)"
-           f" tokens, chunks of {args['serve_chunk']}", "",
+           f" tokens, chunks of {args['serve_chunk']}" + _repeats(args), "",
            "| config | KV MiB | blocks | all fit | requests/s | output tok/s | preemptions | seconds | vs bf16 | vs fp8 |",
            "|---|---|---|---|---|---|---|---|---|---|"]
     for c, r in runs.items():
@@ -36,7 +46,7 @@ def serve_table(name: str, runs: dict, args: dict) -> list[str]:
             continue
         rel = [runs.get(k, {}).get("output_tokens_per_s") for k in ("bf16", "fp8")]
         out.append(f"| {c} | {r['kv_mib']} | {r['blocks']} | {'yes' if r['fits'] else 'no'} | {r['requests_per_s']:.3f}"
-                   f" | {r['output_tokens_per_s']:.1f} | {_fmt(r['preemptions'], '.0f')} | {r['seconds']:.1f}"
+                   f" | {r['output_tokens_per_s']:.1f} | {_fmt(r['preemptions'], '.0f')} | {_seconds(r)}"
                    + "".join(f" | {r['output_tokens_per_s'] / v:.2f}x" if v else " | —" for v in rel) + " |")
     return out
 
