@@ -28,7 +28,7 @@ from importlib import import_module
 import numpy as np
 import torch
 
-from .codec import MIN_SCALE, check_pages
+from .codec import MIN_SCALE, WORD, check_pages
 
 _NUMBA: dict = {}  # module name -> the compiled module, or None when numba is not installed
 
@@ -102,8 +102,8 @@ def read_pages(codec, kv_cache: torch.Tensor, pages: torch.Tensor, out: torch.Te
         return False
     c, block = codec, kv_cache.shape[2]
     rows = out.view(torch.int16).view(-1, block * 2 * c.head_dim).numpy().view(np.uint16)
-    m.read(*_flat(kv_cache, np.uint32), pages.numpy(), rows, *lane_offsets(isa, block, c), c.key_bits, c.key_group,
-           c.value_bits, c.value_group, c.key_bytes // 4)
+    m.read(*_flat(kv_cache), pages.numpy(), rows, *lane_offsets(isa, block, c), c.key_bits, c.key_group,
+           c.value_bits, c.value_group, c.key_bytes // WORD)
     return True
 
 
@@ -142,16 +142,15 @@ def _rows(x: torch.Tensor, heads: int) -> np.ndarray | None:
     return x.numpy() if x.dtype == torch.float32 else None
 
 
-def _flat(pages: torch.Tensor, unit: type = np.uint8) -> tuple[np.ndarray, np.ndarray]:
+def _flat(pages: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """The bytes ``pages`` (``(pages, heads, block, slot_bytes)`` uint8, strided as vLLM's, word-major pages:
-    see ``codec.py``) spans, as one flat array of ``unit``s, and its geometry in those units: page and head
-    strides, the page's tokens, a slot's units. Contiguous 32-bit words are what let the decode's
-    unpacking vectorize."""
+    see ``codec.py``) spans, as one flat array of 32-bit words, and its geometry in words: page and head
+    strides, the page's tokens, a slot's words. Contiguous 32-bit words are what let the compiled store,
+    read and decode move a page row by row, and the decode's unpacking vectorize."""
     check_pages(pages)
     span = sum((n - 1) * st for n, st in zip(pages.shape, pages.stride())) + 1
-    size = np.dtype(unit).itemsize
-    flat = pages.as_strided((span,), (1,)).numpy().view(unit)
-    return flat, np.array([*(st // size for st in pages.stride()[:2]), pages.shape[2], pages.shape[3] // size])
+    flat = pages.as_strided((span,), (1,)).numpy().view(np.uint32)
+    return flat, np.array([*(st // WORD for st in pages.stride()[:2]), pages.shape[2], pages.shape[3] // WORD])
 
 
 def store(codec, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slots: torch.Tensor) -> bool:
@@ -182,6 +181,6 @@ def decode(codec, kv_cache: torch.Tensor, table: torch.Tensor, past: torch.Tenso
     if f is None or any(a is None for a in arrays) or len({x.dtype for x in (query, key, value, output)}) > 1:
         return False
     hk, hvt = rotations(c)
-    f(*_flat(kv_cache, np.uint32), table.numpy(), past.numpy(), rows.numpy(), *arrays, hk, hvt, float(scale),
-      c.key_bits, c.key_group, c.value_bits, c.value_group, c.key_bytes // 4)
+    f(*_flat(kv_cache), table.numpy(), past.numpy(), rows.numpy(), *arrays, hk, hvt, float(scale),
+      c.key_bits, c.key_group, c.value_bits, c.value_group, c.key_bytes // WORD)
     return True

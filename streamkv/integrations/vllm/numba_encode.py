@@ -53,21 +53,21 @@ def rotate(x, h, v):  # v = x H
 
 @numba.njit(parallel=True, cache=True)
 def store(cache, geo, slots, key, value, h, kbits, kgroup, vbits, vgroup, kbytes, min_scale):
-    """Token ``i`` of ``key``/``value`` ``(tokens, heads, dim)`` into slot ``slots[i]`` of the byte array
+    """Token ``i`` of ``key``/``value`` ``(tokens, heads, dim)`` into slot ``slots[i]`` of the 32-bit word array
     ``cache`` (its geometry in ``geo``: see ``kernel._flat``; word-major pages, see ``codec.py``);
     ``min_scale``: the engine's floor on a group's step."""
-    heads, dim, block, size = key.shape[1], key.shape[2], geo[2], geo[3]
+    heads, dim, block, sw = key.shape[1], key.shape[2], geo[2], geo[3]
     for j in numba.prange(slots.shape[0] * heads):
         i, hd = j // heads, j % heads
         x, v, codes = np.empty(dim, np.float32), np.zeros(dim, np.float32), np.empty(dim, np.int32)
-        slot = np.empty(size, np.uint8)
+        words = np.empty(sw, np.uint32)  # the slot, packed byte by byte, then stored word by word
+        slot = words.view(np.uint8)
         widen(key[i, hd], x)
         rotate(x, h, v)
         put(slot, 0, v, kbits, kgroup, (1 << kbits) - 1, np.float32(min_scale), codes)
         widen(value[i, hd], x)
         rotate(x, h, v)
         put(slot, kbytes, v, vbits, vgroup, (1 << vbits) - 1, np.float32(min_scale), codes)
-        at = (slots[i] // block) * geo[0] + hd * geo[1] + (slots[i] % block) * 4  # word 0 of the token
-        for w in range(size // 4):  # word w of the token: one page row further each
-            for b in range(4):
-                cache[at + w * 4 * block + b] = slot[4 * w + b]
+        at = (slots[i] // block) * geo[0] + hd * geo[1] + slots[i] % block  # word 0 of the token
+        for w in range(sw):  # word w of the token: one page row further each
+            cache[at + w * block] = words[w]
