@@ -151,8 +151,11 @@ def test_an_interrupted_run_exits_with_the_signal_and_marks_itself(sig, code, ti
     assert failed["reason"] == "interrupted" and not (run_dir / "results.json").exists()
 
 
-@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
-def test_an_interrupted_sweep_keeps_finished_jobs_and_a_rerun_completes_it(sig, code, tiny64_dir, text, tmp_path):
+# the rerun does not depend on the signal that stopped the sweep: it runs once (a minute of CI on a slow machine)
+@pytest.mark.parametrize("sig,code,rerun", [(signal.SIGINT, 130, False), (signal.SIGTERM, 143, True)],
+                         ids=["SIGINT", "SIGTERM"])
+def test_an_interrupted_sweep_keeps_finished_jobs_and_a_rerun_completes_it(sig, code, rerun, tiny64_dir, text,
+                                                                           tmp_path):
     sweep_dir = tmp_path / "sweep"
     argv = ["chunk", *args(tiny64_dir, text, f"hydra.sweep.dir={sweep_dir}", "task.max_windows=1,null,2")]  # a long second job
     p = start("runners.sweep", *argv)
@@ -167,7 +170,8 @@ def test_an_interrupted_sweep_keeps_finished_jobs_and_a_rerun_completes_it(sig, 
     assert json.loads((second / "failed.json").read_text())["reason"] == "interrupted"
     assert len(list(sweep_dir.glob("*/.hydra"))) == 2  # the sweep stopped: the third job never started
     kept = (first / "results.json").stat().st_mtime_ns
-
+    if not rerun:
+        return
     again = run("runners.sweep", *argv)
     assert again.returncode == 0, again.stderr[-2000:]
     assert all((job_dir(sweep_dir, f"task.max_windows={n}") / "results.json").is_file() for n in (1, "null", 2))

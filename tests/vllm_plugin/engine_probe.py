@@ -2,9 +2,10 @@
 
 A subprocess per configuration: vLLM caches its attention backend (and loads plugins) once per
 process. Usage: ``python engine_probe.py '<json options>'``; options: ``model``, ``prompt_tokens``,
-``new_tokens``, ``chunk``, ``kv_dtype``, ``kv_space_gib``, ``edge_layers``, ``second_prompt_tokens`` (a second
-request, reported under ``second``: its prefill overlaps the first one's decoding, so steps mix both). ``STREAMKV_VLLM`` comes from
-the environment and the plugin through the ``vllm.general_plugins`` entry point (or ``register_directly``).
+``new_tokens``, ``chunk``, ``kv_dtype``, ``kv_space_gib``, ``edge_layers``, ``second_prompt_tokens`` (then, in the
+same engine, the prompt again beside a second request of that many tokens, reported under ``mixed``: the second's
+prefill overlaps the first's decoding, so steps mix both; one engine start serves both runs). ``STREAMKV_VLLM``
+comes from the environment and the plugin through the ``vllm.general_plugins`` entry point (or ``register_directly``).
 """
 
 import json
@@ -42,15 +43,16 @@ def main(opts: dict) -> dict:
     ordered = [layers[n] for n in sorted(layers, key=extract_layer_index)]
     prompt = opts.get("prompt_tokens", 600)
     ids = text_ids(llm.get_tokenizer(), prompt + opts.get("second_prompt_tokens", 0))
-    prompts = [ids[:prompt]] + ([ids[prompt:]] if opts.get("second_prompt_tokens") else [])
-    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts],
-                        SamplingParams(max_tokens=opts.get("new_tokens", 8), temperature=0, prompt_logprobs=0,
-                                       logprobs=2), use_tqdm=False)
-    calls = None
-    if os.environ.get("STREAMKV_VLLM"):
-        from streamkv.integrations.vllm.backend import StreamKVAttentionImpl
+    params = SamplingParams(max_tokens=opts.get("new_tokens", 8), temperature=0, prompt_logprobs=0, logprobs=2)
 
-        calls = dict(StreamKVAttentionImpl.calls)
+    def generate(prompts: list[list[int]]) -> tuple[list, dict | None]:
+        """The requests' outputs and the plugin's calls they made (None: the stock backend)."""
+        before = calls()
+        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        after = calls()
+        return outs, None if after is None else {k: v - before.get(k, 0) for k, v in after.items()}
+
+    outs, made = generate([ids[:prompt]])
     report = {
         "blocks": config.cache_config.num_gpu_blocks,
         "block_size": config.cache_config.block_size,
@@ -58,12 +60,23 @@ def main(opts: dict) -> dict:
         "impls": sorted({type(m.impl).__name__ for m in layers.values()}),
         "kv_dtypes": [str(m.kv_cache.dtype).removeprefix("torch.") for m in ordered],
         "kv_shapes": [list(m.kv_cache.shape) for m in ordered],
-        **tokens(outs[0], prompts[0]),
-        "calls": calls,
+        **tokens(outs[0], ids[:prompt]),
+        "calls": made,
     }
-    if len(outs) > 1:
-        report["second"] = tokens(outs[1], prompts[1])
+    if opts.get("second_prompt_tokens"):
+        outs, made = generate([ids[:prompt], ids[prompt:]])
+        report["mixed"] = {"first": tokens(outs[0], ids[:prompt]), "second": tokens(outs[1], ids[prompt:]),
+                           "calls": made}
     return report
+
+
+def calls() -> dict | None:
+    """The plugin's call counters so far (None: the stock backend serves this process)."""
+    if not os.environ.get("STREAMKV_VLLM"):
+        return None
+    from streamkv.integrations.vllm.backend import StreamKVAttentionImpl
+
+    return dict(StreamKVAttentionImpl.calls)
 
 
 def tokens(out, ids: list[int]) -> dict:
