@@ -13,6 +13,7 @@ import platform
 from pathlib import Path
 from typing import Callable
 
+from ..runs.results import write_text_atomic
 from .measure import child
 from .report import render
 
@@ -39,13 +40,6 @@ def best(tries: list[dict]) -> dict:
     return {**min(tries, key=lambda t: t["seconds"]), "seconds_each": [t["seconds"] for t in tries]}
 
 
-def _write(path: Path, text: str) -> None:
-    """Whole or not at all: a reader never sees half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def run(opts: dict, out: Path, command: str) -> str:
     """Measure everything ``opts`` asks for into ``out`` (``results.json``, ``results.md``, rewritten after
     every measurement, so an interrupted run keeps what it finished); the table."""
@@ -57,8 +51,8 @@ def run(opts: dict, out: Path, command: str) -> str:
     def save() -> str:
         res["load_after"] = os.getloadavg()
         text = render(res)
-        _write(out / "results.json", json.dumps(res, indent=1))
-        _write(out / "results.md", text)
+        write_text_atomic(out / "results.json", json.dumps(res, indent=1))
+        write_text_atomic(out / "results.md", text)
         return text
 
     ref = out / "stock_logprobs.f32"  # stock's full log-softmax rows, for KL; removed at the end
