@@ -12,10 +12,11 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 
-def run_eval(*overrides, cwd=REPO):
+def run_eval(*overrides, cwd=REPO, flags=()):
     env = dict(os.environ, WANDB_MODE="disabled", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     return subprocess.run(
-        [sys.executable, "-m", "runners.eval", *overrides], cwd=cwd, capture_output=True, text=True, env=env, timeout=600
+        [sys.executable, *flags, "-m", "runners.eval", *overrides], cwd=cwd, capture_output=True, text=True, env=env,
+        timeout=600,
     )
 
 
@@ -103,6 +104,15 @@ def test_bad_input_is_one_line_and_writes_nothing(overrides, needle, tiny_llama_
     assert needle in lines[0]
     assert "Traceback" not in out.stderr
     assert not (run_dir / "results.json").exists()
+
+
+def test_a_config_error_is_found_before_the_model_libraries_load(tmp_path):
+    """Checking a config needs no model code: transformers' cache (and hqq, which it imports) loads with a cache."""
+    out = run_eval("quantizer.key_bits=5", f"hydra.run.dir={tmp_path}", flags=("-X", "importtime"))
+    assert out.returncode == 2 and "error: quantizer.key_bits=5" in out.stderr, out.stderr[-2000:]
+    imported = {ln.rsplit("|", 1)[-1].strip() for ln in out.stderr.splitlines() if ln.startswith("import time:")}
+    assert "streamkv.lab.runs.job" in imported
+    assert not imported & {"transformers.cache_utils", "hqq", "streamkv.kv.cache"}
 
 
 @pytest.mark.integration

@@ -7,7 +7,6 @@ from typing import Any, Callable
 
 import torch
 
-from ..kv.cache import CompressedCache
 from ..kv.compression import Compression
 from ..kv.contracts import BringsOwnCache
 from ..kv.errors import check
@@ -16,6 +15,7 @@ from . import registry
 
 def new_cache(model: torch.nn.Module, compression: Compression, chunk_size: int | None = None, quantize_own_chunk: bool = False):
     """A fresh cache for ``model``: the quantizer's own (a peer that brings one) or a :class:`CompressedCache`."""
+    from ..kv.cache import CompressedCache  # here, not at import: it loads transformers' cache (and hqq, if present)
     if isinstance(compression.quantizer, BringsOwnCache):
         name = registry.name_of(compression.quantizer)
         check(
