@@ -3,7 +3,8 @@
 Decode attention over a compressed history (triton, fused, dense read) against SDPA on the same
 history in bf16, Llama-3.1-8B layout, contexts 8k/32k/128k x batch 1/4/16; see
 :mod:`streamkv.lab.bench.attention`. ``--verify`` checks the triton backend against the reference
-read instead (:mod:`streamkv.lab.bench.attention_verify`). Needs no Hydra.
+read instead (:mod:`streamkv.lab.bench.attention_verify`). Needs no Hydra; a bad option is one
+``error:`` line, exit 2.
 
 Examples::
 
@@ -16,21 +17,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 
+from streamkv.kv.errors import ConfigError, check
 from streamkv.lab.bench.attention import BACKENDS, Setup, run
 from streamkv.lab.bench.attention_verify import verify
+from streamkv.lab.runs.args import ArgumentParser, exit_with
 
 
 def _ints(s: str) -> list[int]:
-    return [int(x) for x in s.split(",") if x]
+    try:
+        return [int(x) for x in s.split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a comma-separated list of integers") from None
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m runners.bench_attention", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m runners.bench_attention", description=__doc__.split("\n\n")[0])
     p.add_argument("--contexts", type=_ints, default=[8192, 32768, 131072])
     p.add_argument("--batches", type=_ints, default=[1, 4, 16])
     p.add_argument("--backends", default=",".join(BACKENDS), help=f"comma-separated subset of {','.join(BACKENDS)}")
@@ -41,11 +46,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--smoke", action="store_true", help="tiny shapes, CPU-friendly (for tests)")
     p.add_argument("--verify", action="store_true", help="check the triton backend against the reference read instead")
     a = p.parse_args(argv)
-    device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    backends = tuple(b for b in a.backends.split(",") if b)
-    bad = [b for b in backends if b not in BACKENDS]
-    if bad:
-        p.error(f"unknown backend(s) {bad}; choose from {list(BACKENDS)}")
+    device, backends = _checked(a)
     if a.smoke:
         setup = Setup(contexts=[256], batches=[1, 2], q_heads=4, kv_heads=2, dim=64, key_group=64, value_group=32,
                       backends=backends, warmup=1, repeats=2, chunk=128, copy_mib=8)
@@ -64,5 +65,24 @@ def main(argv: list[str] | None = None) -> dict:
     return run(setup, device, a.out)
 
 
+def _checked(a: argparse.Namespace) -> tuple[torch.device, tuple[str, ...]]:
+    """The device and backends asked for, after checking every option (a bad one is a ConfigError)."""
+    backends = tuple(b for b in a.backends.split(",") if b)
+    check(bool(backends) and set(backends) <= set(BACKENDS), f"--backends {a.backends!r}: choose from {list(BACKENDS)}")
+    for name in ("contexts", "batches"):
+        values = getattr(a, name)
+        shown = ",".join(map(str, values))
+        check(bool(values) and min(values) >= 1, f"--{name} {shown!r}: positive integers, comma-separated")
+    check(a.warmup >= 0, f"--warmup {a.warmup}: calls before timing, at least 0")
+    check(a.repeats >= 1, f"--repeats {a.repeats}: timed calls, at least 1")
+    try:
+        device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise ConfigError(f"--device {a.device!r} is not a torch device; use cpu or cuda[:N]") from None
+    no_gpu = device.type == "cuda" and not torch.cuda.is_available()
+    check(not no_gpu, f"--device {a.device}: no CUDA GPU here; use --device cpu")
+    return device, backends
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    exit_with(main)

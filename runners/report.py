@@ -7,14 +7,13 @@ also publishes a W&B Report of the sweep's group when credentials exist and logs
 
 from __future__ import annotations
 
-import argparse
-import sys
-
+from streamkv.kv.errors import ConfigError
 from streamkv.lab.reports.sweep import make_report
+from streamkv.lab.runs.args import ArgumentParser, exit_with
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m runners.report", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="python -m runners.report", description=__doc__.splitlines()[0])
     p.add_argument("sweep_dir", help="a sweep directory, e.g. outputs/sweeps/ablation")
     p.add_argument("--out", help="where to write the report (default: <sweep_dir>/report)")
     p.add_argument("--baseline", help="an uncompressed job's directory or results.json (default: the sweep's own)")
@@ -25,8 +24,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         report = make_report(args.sweep_dir, args.out, args.baseline)
     except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        raise ConfigError(str(e)) from None
     text = report.files["markdown"].read_text()
     print(text)
     print("wrote " + ", ".join(str(f) for f in report.files.values()))
@@ -43,4 +41,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    exit_with(main)

@@ -20,6 +20,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from streamkv.lab.runs.args import ArgumentParser, exit_with
 from streamkv.lab.serving.run import run
 
 CONFIGS = "bf16,fp8,k8v8,k8v4,k4v4,k4v2,k2v2"
@@ -28,7 +29,7 @@ MODEL = Path(os.environ.get("STREAMKV_CACHE", Path.home() / ".cache" / "streamkv
 
 
 def options(argv: list[str]) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m runners.serve_bench", description=__doc__.split("\n")[0])
+    ap = ArgumentParser(prog="python -m runners.serve_bench", description=__doc__.split("\n")[0])
     add = ap.add_argument
     add("--out", default="outputs/serve_bench")
     add("--model", default=str(MODEL), help="a model directory (python -m streamkv.lab.models.embedded)")
@@ -72,4 +73,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    exit_with(main)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import pytest
 from runners import report as report_runner
 from streamkv.lab.reports import wandb as wandb_report
 from streamkv.lab.reports.sweep import make_report, pareto_front
+from streamkv.lab.runs.args import exit_with
 
 
 def fake_job(root: Path, variant: str, ppl: float | None = None, bits: float = 4.6, quantizer: str = "uniform",
@@ -94,10 +96,14 @@ def test_runner_without_wandb_credentials_says_so_and_writes_the_local_report(sw
     assert (sweep_dir / "report" / "report.md").is_file()
 
 
-def test_runner_on_a_missing_dir_is_a_one_line_error(tmp_path, capsys):
+@pytest.mark.parametrize("argv", [["NOPE"], []], ids=["missing-dir", "no-dir-given"])
+def test_runner_on_a_missing_dir_is_a_one_line_error(argv, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["report", *[str(tmp_path / "nope") for _ in argv]])
     with pytest.raises(SystemExit) as e:
-        report_runner.main([str(tmp_path / "nope")])
-    assert e.value.code == 2 and capsys.readouterr().err.startswith("error:")
+        exit_with(report_runner.main)  # as ``python -m runners.report`` runs it
+    err = capsys.readouterr().err.splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: "), err
+    assert ("is not a directory" if argv else "required: sweep_dir (see python -m runners.report --help)") in err[0]
     assert not (tmp_path / "nope").exists()
 
 

@@ -13,8 +13,10 @@ import copy
 import inspect
 import math
 import os
+import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import torch
@@ -307,12 +309,39 @@ def test_no_host_synchronisation_in_fused_decoding(model, monkeypatch):
 
 def test_kernel_benchmark_smoke(tmp_path):
     """``python -m runners.bench_attention --smoke``: tiny shapes, a table with the triton row timed."""
-    from runners.bench_attention import main  # the thin runner imports without Hydra
+    from runners.bench_attention import main  # a plain function: no Hydra app to compose
 
     result = shallow(main, ["--smoke", "--backends", "sdpa,triton", "--out", str(tmp_path), "--device", str(DEVICE)])
     rows = {(r["batch"], r["backend"]): r for r in result["rows"]}
     assert rows[(2, "triton")]["ms"] > 0 and rows[(2, "triton")]["bytes"] < rows[(2, "sdpa")]["bytes"]
     assert "| 256 | 2 | triton |" in (tmp_path / "bench_attention.md").read_text()
+
+
+BAD_BENCH = [
+    (["--backends", "sdpa,foo"], "--backends 'sdpa,foo': choose from"),
+    (["--backends", ","], "--backends ',': choose from"),
+    (["--contexts", "0"], "--contexts '0': positive integers"),
+    (["--contexts", "8k"], "argument --contexts: '8k' is not a comma-separated list of integers (see python -m"),
+    (["--batches", "4,0"], "--batches '4,0': positive integers"),
+    (["--warmup", "-1"], "--warmup -1: calls before timing, at least 0"),
+    (["--repeats", "0"], "--repeats 0: timed calls, at least 1"),
+    (["--device", "nope"], "--device 'nope' is not a torch device"),
+]
+
+
+@pytest.mark.parametrize("argv,needle", BAD_BENCH, ids=[a[0] + "=" + a[1] for a, _ in BAD_BENCH])
+def test_kernel_benchmark_refuses_bad_options_before_running(argv, needle):
+    from runners.bench_attention import main
+
+    with pytest.raises(ConfigError) as e:
+        main(argv)
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_kernel_benchmark_bad_option_is_one_line():
+    argv = [sys.executable, "-m", "runners.bench_attention", "--repeats", "0"]
+    out = subprocess.run(argv, capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent, timeout=300)
+    assert out.returncode == 2 and out.stderr.strip() == "error: --repeats 0: timed calls, at least 1", out.stderr
 
 
 # -- composition ----------------------------------------------------------------------------------
