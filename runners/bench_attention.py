@@ -24,7 +24,7 @@ import torch
 from streamkv.kv.errors import ConfigError, check
 from streamkv.lab.bench.attention import BACKENDS, Setup, run
 from streamkv.lab.bench.attention_verify import verify
-from streamkv.lab.runs.args import ArgumentParser, exit_with
+from streamkv.lab.runs.args import ArgumentParser, run_main
 
 
 def _ints(s: str) -> list[int]:
@@ -85,4 +85,4 @@ def _checked(a: argparse.Namespace) -> tuple[torch.device, tuple[str, ...]]:
 
 
 if __name__ == "__main__":
-    exit_with(main)
+    run_main(main)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from streamkv.kv.errors import ConfigError
 from streamkv.lab.reports.sweep import make_report
-from streamkv.lab.runs.args import ArgumentParser, exit_with
+from streamkv.lab.runs.args import ArgumentParser, run_main
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -41,4 +41,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    exit_with(main)
+    run_main(main)

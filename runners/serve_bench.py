@@ -17,10 +17,10 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
-import sys
 from pathlib import Path
 
-from streamkv.lab.runs.args import ArgumentParser, exit_with
+from streamkv.kv.errors import check
+from streamkv.lab.runs.args import ArgumentParser, run_main
 from streamkv.lab.serving.run import run
 
 CONFIGS = "bf16,fp8,k8v8,k8v4,k4v4,k4v2,k2v2"
@@ -54,23 +54,16 @@ def options(argv: list[str]) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str]) -> None:
     a = options(argv)
-    if not Path(a.text).is_file():
-        print(f"error: --text / $STREAMKV_WIKITEXT={a.text!r} is not a file (wikitext-2-raw test.txt)", file=sys.stderr)
-        return 2
-    if not (Path(a.model) / "config.json").is_file():
-        print(f"error: --model {a.model} is not a model directory (python -m streamkv.lab.models.embedded)",
-              file=sys.stderr)
-        return 2
-    if a.repeats < 1:
-        print(f"error: --repeats {a.repeats}: runs of each serving configuration, at least 1", file=sys.stderr)
-        return 2
+    check(Path(a.text).is_file(), f"--text / $STREAMKV_WIKITEXT={a.text!r} is not a file (wikitext-2-raw test.txt)")
+    check((Path(a.model) / "config.json").is_file(),
+          f"--model {a.model} is not a model directory (python -m streamkv.lab.models.embedded)")
+    check(a.repeats >= 1, f"--repeats {a.repeats}: runs of each serving configuration, at least 1")
     opts = {k: v for k, v in vars(a).items() if k != "out"}
     command = "python -m runners.serve_bench " + " ".join(shlex.quote(x) for x in argv)
     print(run(opts, Path(a.out), command.strip()))
-    return 0
 
 
 if __name__ == "__main__":
-    exit_with(main)
+    run_main(main)

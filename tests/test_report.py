@@ -12,7 +12,7 @@ import pytest
 from runners import report as report_runner
 from streamkv.lab.reports import wandb as wandb_report
 from streamkv.lab.reports.sweep import make_report, pareto_front
-from streamkv.lab.runs.args import exit_with
+from streamkv.lab.runs.args import run_main
 
 
 def fake_job(root: Path, variant: str, ppl: float | None = None, bits: float = 4.6, quantizer: str = "uniform",
@@ -100,7 +100,7 @@ def test_runner_without_wandb_credentials_says_so_and_writes_the_local_report(sw
 def test_runner_on_a_missing_dir_is_a_one_line_error(argv, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["report", *[str(tmp_path / "nope") for _ in argv]])
     with pytest.raises(SystemExit) as e:
-        exit_with(report_runner.main)  # as ``python -m runners.report`` runs it
+        run_main(report_runner.main)  # as ``python -m runners.report`` runs it
     err = capsys.readouterr().err.splitlines()
     assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: "), err
     assert ("is not a directory" if argv else "required: sweep_dir (see python -m runners.report --help)") in err[0]

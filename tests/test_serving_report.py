@@ -4,8 +4,12 @@ the table, and its bad input."""
 from __future__ import annotations
 
 import json
+import sys
+
+import pytest
 
 from runners import serve_bench
+from streamkv.lab.runs.args import run_main
 from streamkv.lab.serving import run as serving
 
 SECONDS = {("bf16", 0): 50.0, ("k4v4", 0): 40.0, ("bf16", 1): 45.0, ("k4v4", 1): 44.0}
@@ -46,12 +50,16 @@ def test_a_failed_run_is_reported_not_hidden_by_a_faster_one():
     assert serving.best([{"seconds": 12.0}, ok]) == {"seconds": 10.0, "seconds_each": [12.0, 10.0]}
 
 
-def test_repeats_below_one_is_a_one_line_error(tmp_path, capsys):
+def test_repeats_below_one_is_a_one_line_error(tmp_path, capsys, monkeypatch):
     text = tmp_path / "test.txt"
     text.write_text("x")
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "config.json").write_text("{}")
-    assert serve_bench.main(["--text", str(text), "--model", str(tmp_path / "model"), "--repeats", "0"]) == 2
+    argv = ["--text", str(text), "--model", str(tmp_path / "model"), "--repeats", "0"]
+    monkeypatch.setattr(sys, "argv", ["serve_bench", *argv])
+    with pytest.raises(SystemExit) as e:
+        run_main(serve_bench.main)  # as ``python -m runners.serve_bench`` runs it
+    assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: --repeats 0: runs of each serving configuration, at least 1"]
 

@@ -19,11 +19,10 @@ class ArgumentParser(argparse.ArgumentParser):
         raise ConfigError(f"{message} (see {self.prog} --help)")
 
 
-def exit_with(main: Callable[[list[str]], Any]) -> NoReturn:
-    """Exit with ``main(sys.argv[1:])``'s status (an int; anything else is success); a ConfigError is one line, 2."""
+def run_main(main: Callable[[list[str]], Any]) -> None:
+    """Run ``main(sys.argv[1:])`` as the command; a ConfigError it raises is one ``error:`` line, exit status 2."""
     try:
-        status = main(sys.argv[1:])
+        main(sys.argv[1:])
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
-    sys.exit(status if isinstance(status, int) else 0)
