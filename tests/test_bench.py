@@ -11,6 +11,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from streamkv.kv.errors import ConfigError
 from streamkv.lab import registry
 from streamkv.lab.bench.plan import BenchConfig, MethodSpec, plan
 from streamkv.lab.bench.run import run_bench
@@ -46,6 +47,32 @@ def test_plan_runs_the_reference_first_and_filters_widths():
     full_cfg = bench_config()
     full = plan(full_cfg)
     assert {j.method for j in full} == set(full_cfg.run) and len(full) == 1 + 3 + 3 + 3 + 2 + 3 + 3 + 2 + 3 + 1 + 4 + 1  # streamkv_post_rope, *_edge: on demand
+
+
+def test_every_method_composes_at_each_of_its_widths():
+    """A typo in a method's overrides fails here, not an hour into a full run."""
+    from streamkv.lab.bench.plan import compression_for
+
+    cfg = bench_config(["run=[]"])
+    cfg.run = list(cfg.methods)
+    jobs = plan(cfg)
+    assert {j.method for j in jobs} == set(cfg.methods)
+    pre_rope = {}
+    for job in jobs:
+        compression, _ = compression_for(job.overrides)
+        pre_rope[job.method, job.bits] = getattr(compression.quantizer, "pre_rope", None)
+    assert [pre_rope["kv", b] for b in (2, 3, 4)] == [True] * 3
+    assert [pre_rope["kv_post_rope", b] for b in (2, 3, 4)] == [False] * 3
+
+
+def test_a_method_can_be_added_on_the_command_line():
+    cfg = bench_config(['+methods.mine={overrides:["experiment=kv{bits}","quantizer.pre_rope=false"],bits:[4]}',
+                        "run=[mine]"])
+    assert [(j.method, j.bits, j.overrides) for j in plan(cfg)] == [
+        ("baseline", 32, ["experiment=baseline"]), ("mine", 4, ["experiment=kv4", "quantizer.pre_rope=false"])]
+    cfg = bench_config(["+methods.mine={overrides:[kivi],bitz:[4]}", "run=[mine]"])
+    with pytest.raises(ConfigError, match=r"^methods\.mine: Key 'bitz' not in 'MethodSpec' \(a method has label"):
+        plan(cfg)
 
 
 def test_tiny_bench_writes_table_csv_and_plot(tiny64_dir, text_file, tmp_path):

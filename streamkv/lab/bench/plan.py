@@ -12,7 +12,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from ...kv.compression import Compression
-from ...kv.errors import check
+from ...kv.errors import ConfigError, check
 from .. import registry
 from ..paths import CONF_DIR
 
@@ -45,7 +45,9 @@ class BenchConfig:
     run: list[str] = field(default_factory=list)  # methods to run, in order; empty = all
     bits: Optional[list[int]] = None  # keep only these widths of methods that have a {bits} placeholder
     speed_bits: Optional[list[int]] = None  # measure speed/memory only at these widths (null = all)
-    methods: dict[str, MethodSpec] = field(default_factory=dict)
+    # name -> a MethodSpec's fields, typed where a method is read (method_spec): OmegaConf cannot add an
+    # entry to a dict of dataclasses, and '+methods.NAME={...}' on the command line must be able to
+    methods: dict[str, Any] = field(default_factory=dict)
     threads: Optional[int] = None  # torch.set_num_threads; null = torch's default
     kl_cache_mb: int = 1024  # reference log-probs kept across methods (KL needs them; 2 windows of SmolLM2 fit)
     soak_sequences: int = 12  # measure=[soak]: sequences through a fresh cache each, in one process ...
@@ -82,6 +84,17 @@ def compression_for(overrides: list[str], conf_dir: str | os.PathLike = CONF_DIR
     return Compression(*(registry.create(g, cfg[g]) for g in groups)), resolved
 
 
+def method_spec(cfg: BenchConfig, name: str) -> MethodSpec:
+    """Method ``name`` of ``cfg``, its fields checked (a missing one takes its default)."""
+    spec = cfg.methods[name]
+    if isinstance(spec, MethodSpec):
+        return spec
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(MethodSpec), spec))
+    except Exception as e:  # omegaconf's ValidationError / ConfigKeyError: the key and value it refused
+        raise ConfigError(f"methods.{name}: {str(e).splitlines()[0]} (a method has label, overrides, bits)") from None
+
+
 @dataclass
 class Job:
     method: str
@@ -102,7 +115,7 @@ def plan(cfg: BenchConfig) -> list[Job]:
         names.insert(0, cfg.reference)
     jobs = []
     for name in names:
-        spec = cfg.methods[name]
+        spec = method_spec(cfg, name)
         templated = any("{bits}" in o for o in spec.overrides)
         widths = list(spec.bits) or [0]
         if templated and cfg.bits is not None and name != cfg.reference:

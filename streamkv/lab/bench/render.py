@@ -6,7 +6,7 @@ import csv
 import math
 from pathlib import Path
 
-from .plan import BenchConfig
+from .plan import BenchConfig, method_spec
 
 CSV_FIELDS = [
     "method", "bits", "status", "ppl", "delta_ppl_pct", "kl", "kl_p99", "top1_agreement", "avg_key_bits", "avg_value_bits", "avg_bits", "kv_bytes",
@@ -96,7 +96,7 @@ def markdown(rows: list[dict], reference: dict | None, meta: dict, cfg: BenchCon
         )
     lines += ["", "Methods:", ""]
     for name in dict.fromkeys(r["method"] for r in rows):
-        spec = cfg.methods[name]
+        spec = method_spec(cfg, name)
         lines.append(f"- `{name}`: {spec.label} — `{' '.join(spec.overrides)}`")
     return "\n".join(lines) + "\n"
 
