@@ -4,12 +4,13 @@ measures), each method's composed compression, and the (method, width) jobs in o
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from ...kv.compression import Compression
 from ...kv.errors import ConfigError, check
@@ -91,8 +92,9 @@ def method_spec(cfg: BenchConfig, name: str) -> MethodSpec:
         return spec
     try:
         return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(MethodSpec), spec))
-    except Exception as e:  # omegaconf's ValidationError / ConfigKeyError: the key and value it refused
-        raise ConfigError(f"methods.{name}: {str(e).splitlines()[0]} (a method has label, overrides, bits)") from None
+    except (OmegaConfBaseException, ValueError) as e:  # a wrong key or type; ValueError: not a mapping at all
+        has = ", ".join(f.name for f in fields(MethodSpec))
+        raise ConfigError(f"methods.{name}: {str(e).splitlines()[0]} (a method has {has})") from None
 
 
 @dataclass
